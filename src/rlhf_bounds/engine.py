@@ -1,0 +1,268 @@
+"""The engine: runs many problems as compiled, vmapped, sharded chunks and saves them.
+
+This is the only module that knows about many problems. A run of ``problems``
+problems from one spec is cut into chunks; each chunk is one call of a
+``jit(vmap(simulate))`` kernel whose problem axis is sharded across every
+device (``jax.sharding``; across hosts too once ``jax.distributed`` is
+initialised). Problem i's PRNG key is ``fold_in(problems_key, i)``, so its
+results do not depend on the chunk size or the number of devices.
+
+Each finished chunk is written at once, atomically (write to a temporary file,
+then rename), so an interrupted run loses no finished work: running the same
+call again resumes and skips finished chunks. A folder written by a different
+run (another spec, seed, problem count or chunk size) is refused rather than
+mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from . import __version__
+from .results import Results, chunk_files, read_record, write_json_atomic
+from .simulate import simulate
+from .spec import Spec, SpecError
+
+__all__ = ["run", "RunError", "problem_keys", "chunk_kernel", "default_chunk_size", "machine_info"]
+
+RECORD = "record.json"
+CHUNKS = "chunks"
+#: Record fields that identify a run: a folder whose record differs in any of them is refused.
+IDENTITY = ("spec", "seed", "problems", "chunk_size")
+
+
+class RunError(RuntimeError):
+    """A run cannot go ahead (bad option, or an output folder that belongs to another run)."""
+
+
+def problem_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+    """(problems_key, shared_key) of a run: problem i uses fold_in(problems_key, i)."""
+    root = jax.random.key(seed)
+    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
+
+
+def _chunk(spec: Spec, problems_key: jax.Array, shared_key: jax.Array, idx: jax.Array) -> dict[str, jax.Array]:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(problems_key, idx)
+    return jax.vmap(simulate, in_axes=(None, 0, None))(spec, keys, shared_key)
+
+
+chunk_kernel = jax.jit(_chunk)
+chunk_kernel.__doc__ = "jit(vmap(simulate)) over the problem indices ``idx`` of one chunk."
+
+
+def default_chunk_size(spec: Spec) -> int:
+    """A chunk whose evaluation set fits comfortably in memory (about 256 MB of features)."""
+    per_problem = 4 * spec.eval_prompts * spec.actions * spec.d * 3
+    size = int(max(8, min(512, 256e6 // max(per_problem, 1))))
+    return 1 << (size.bit_length() - 1)  # a power of two
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine, for records and benchmarks: CPU, cores, backend, devices, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "process_count": jax.process_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "rlhf_bounds": __version__,
+    }
+
+
+class _Progress:
+    """A one-line progress bar over chunks on stderr (a line per 10% when not a terminal)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.last_decile = -1
+        self.resumed = 0
+
+    def restart_clock(self) -> None:
+        """Start timing after compilation, so the rate and eta describe the compiled kernel."""
+        self.start = time.perf_counter()
+
+    def update(self, done: int, problems_done: int) -> None:
+        if not self.enabled:
+            return
+        frac = done / max(self.total, 1)
+        elapsed = time.perf_counter() - self.start
+        rate = problems_done / elapsed if elapsed > 0 else 0.0
+        bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+        line = f"{self.label} [{bar}] {done}/{self.total} chunks"
+        if problems_done:
+            eta = elapsed * (self.total - done) / max(done - self.resumed, 1)
+            line += f", {rate:,.0f} problems/s, eta {eta:,.0f}s"
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if done == self.total else ""))
+            sys.stderr.flush()
+        elif int(10 * frac) > self.last_decile:
+            self.last_decile = int(10 * frac)
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out={out} is a file, not a folder")
+    record = read_record(out) if (out / RECORD).exists() else None
+    if record is not None and not overwrite:
+        for field in IDENTITY:
+            if record.get(field) != identity[field]:
+                raise RunError(
+                    f"out={out} holds a run with a different {field} "
+                    f"({_short(record.get(field))} vs {_short(identity[field])}); "
+                    "use another output folder or --overwrite")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    try:
+        (out / CHUNKS).mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"out={out} is not writable: {err.strerror or err}") from None
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a different spec"
+    return repr(value)
+
+
+def _global_indices(idx: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """The chunk's problem indices as one global array sharded over the problem axis (multi-host safe)."""
+    return jax.make_array_from_callback(idx.shape, sharding, lambda s: idx[s])
+
+
+def _to_host(tree: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        tree = multihost_utils.process_allgather(tree, tiled=True)
+    return {k: np.asarray(v) for k, v in tree.items()}
+
+
+def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLike | None = None,
+        chunk_size: int | None = None, progress: bool = True, overwrite: bool = False,
+        label: str | None = None) -> Results:
+    """Simulate ``problems`` independent problems from ``spec`` and return their :class:`Results`.
+
+    With ``out`` the results are saved there chunk by chunk (and reloadable by
+    :func:`rlhf_bounds.load`); rerunning the same call resumes. ``chunk_size``
+    problems are simulated per compiled call (rounded up to a multiple of the
+    device count); the results do not depend on it.
+    """
+    spec = spec.validate()
+    problems = _positive_int("problems", problems)
+    seed = _nonnegative_int("seed", seed)
+    chunk = _positive_int("chunk_size", chunk_size if chunk_size is not None else default_chunk_size(spec))
+    n_dev = jax.device_count()
+    chunk = -(-chunk // n_dev) * n_dev
+    n_chunks = -(-problems // chunk)
+    identity = {"spec": spec.to_dict(), "seed": seed, "problems": problems, "chunk_size": chunk}
+    folder = Path(out) if out is not None else None
+    is_writer = jax.process_index() == 0
+    if folder is not None and is_writer:
+        _prepare_folder(folder, identity, overwrite)
+        record = read_record(folder) if (folder / RECORD).exists() else None
+        if record is None:
+            record = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
+            write_json_atomic(folder / RECORD, record)
+    else:
+        record = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
+
+    mesh = Mesh(np.array(jax.devices()), ("problems",))
+    sharding = NamedSharding(mesh, PartitionSpec("problems"))
+    problems_key, shared_key = problem_keys(seed)
+
+    done: dict[int, dict[str, np.ndarray]] = {}
+    if folder is not None:
+        for c, path in chunk_files(folder).items():
+            if c < n_chunks:
+                done[c] = None  # loaded lazily by Results
+    todo = [c for c in range(n_chunks) if c not in done]
+
+    bar = _Progress(n_chunks, label or "simulating", progress and is_writer)
+    compiled, compile_s = None, 0.0
+    chunk_seconds = []
+    problems_done = 0
+    bar.resumed = len(done)
+    bar.update(len(done), 0)
+    for c in todo:
+        lo = c * chunk
+        count = min(chunk, problems - lo)
+        idx = np.arange(lo, lo + chunk, dtype=np.int32)
+        idx[count:] = lo  # padding lanes repeat the first problem and are dropped
+        gidx = _global_indices(idx, sharding)
+        if compiled is None:
+            t0 = time.perf_counter()
+            compiled = chunk_kernel.lower(spec, problems_key, shared_key, gidx).compile()
+            compile_s = time.perf_counter() - t0
+            bar.restart_clock()
+        t0 = time.perf_counter()
+        result = _to_host(compiled(spec, problems_key, shared_key, gidx))
+        chunk_seconds.append(time.perf_counter() - t0)
+        result = {k: v[:count] for k, v in result.items()}
+        result["problem"] = np.arange(lo, lo + count, dtype=np.int64)
+        if folder is not None and is_writer:
+            _write_chunk(folder, c, result)
+            done[c] = None
+        else:
+            done[c] = result
+        problems_done += count
+        bar.update(len(done), problems_done)
+
+    timings = {"compile_s": compile_s, "chunk_s": chunk_seconds,
+               "problems_per_s": (problems_done / sum(chunk_seconds)) if chunk_seconds else None}
+    record.update(status="complete", timings=timings)
+    if folder is not None and is_writer:
+        write_json_atomic(folder / RECORD, record)
+        return Results.from_folder(folder)
+    return Results.from_chunks([done[c] for c in range(n_chunks)], record)
+
+
+def _write_chunk(folder: Path, c: int, result: dict[str, np.ndarray]) -> None:
+    final = folder / CHUNKS / f"chunk-{c:06d}.npz"
+    tmp = final.with_suffix(".tmp.npz")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **result)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise SpecError(f"{name}={value!r} out of range: must be a whole number ≥ 1")
+    return int(value)
+
+
+def _nonnegative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
+        raise SpecError(f"{name}={value!r} out of range: must be a whole number in [0, 2^32)")
+    return int(value)

@@ -1,0 +1,157 @@
+"""Policy learners: GA, SGA and SGD on the training objective (THEORY.md §5).
+
+The training objective on the sample S is
+    F_S(w) = (1/n) Σ_i Σ_a π_w(a|x_i) [r̂(x_i, a) − β ℓ^τ_w(x_i, a)],
+with ℓ^τ the clipped log-ratio (τ = ∞, or ``train_log_ratio='exact'``, gives
+the exact KL and F_S = (1/n) Σ_i f_w(x_i; r̂, β)).
+
+All three learners are one optax loop over a shared step function:
+
+* ``GA``  [A]: full batch, exact gradient, constant η;
+* ``SGA`` [A]: one prompt per step, η_t = η0/√t;
+* ``SGD``: a minibatch of b prompts drawn with replacement, constant or η0/√t
+  step, gradient exact over responses or the score-function estimate from the
+  prompt's K rollouts Y_ik(w) = F^{-1}_{π_w(·|x_i)}(U_ik) with a leave-one-out
+  baseline (``rloo``) or none.
+
+The loop is a ``lax.scan`` over checkpoints (every ``record_every`` steps) of a
+``lax.scan`` over steps; at each checkpoint it records w and ‖∇F_S(w)‖ (exact,
+full batch). The best-gradient iterate ([A] Def. 6) is the checkpoint with the
+smallest gradient norm; with ``record_every = 1`` it is exact.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from .policy import inverse_cdf, log_probs
+from .spec import Spec
+
+__all__ = ["TrainData", "PolicyFit", "prompt_objective", "exact_gradient", "rollout_gradient",
+           "full_gradient", "minibatch_indices", "train_policy", "training_tau"]
+
+
+class TrainData(NamedTuple):
+    """The training sample S: features ``[n, A, d]``, reward r̂ ``[n, A]``, rollout uniforms ``[n, K]``."""
+
+    phi: jax.Array
+    reward: jax.Array
+    u: jax.Array
+
+
+class PolicyFit(NamedTuple):
+    """A learner's output: last and best-gradient iterates and the recorded trajectory.
+
+    ``traj_w`` ``[J, d]`` and ``traj_grad_norm`` ``[J]`` are recorded after steps
+    record_every, 2·record_every, ..., T.
+    """
+
+    w_last: jax.Array
+    w_best: jax.Array
+    grad_norm_last: jax.Array
+    grad_norm_best: jax.Array
+    traj_w: jax.Array
+    traj_grad_norm: jax.Array
+
+
+def training_tau(spec: Spec):
+    """The clipping threshold used in the training reward (∞ when ``train_log_ratio='exact'``)."""
+    return spec.tau if spec.train_log_ratio == "clipped" else jnp.inf
+
+
+def prompt_objective(w, w_ref, phi, reward, beta, tau) -> jax.Array:
+    """Σ_a π_w(a|x) [r(x, a) − β ℓ^τ_w(x, a)] for one prompt (``phi`` ``[A, d]``, ``reward`` ``[A]``)."""
+    lp = log_probs(w, phi)
+    ratio = jnp.clip(lp - log_probs(w_ref, phi), -tau, tau)
+    return jnp.sum(jnp.exp(lp) * (reward - beta * ratio))
+
+
+exact_gradient = jax.grad(prompt_objective)
+exact_gradient.__doc__ = "∇_w of :func:`prompt_objective` (autodiff, exact over responses)."
+
+
+def rollout_gradient(w, w_ref, phi, reward, u, beta, tau, baseline: str) -> jax.Array:
+    """Score-function estimate of the policy gradient from K rollouts of one prompt.
+
+    With Y_k = F^{-1}_{π_w}(u_k) and R_k = r(x, Y_k) − β ℓ^τ_w(x, Y_k) treated as
+    a reward (the KL penalty folded into the reward, as practical RLHF does),
+        ĝ = (1/K) Σ_k (R_k − b_k) ∇_w log π_w(Y_k|x),   ∇_w log π_w(a|x) = φ(x, a) − E_{π_w}φ,
+    with b_k = (Σ_{j≠k} R_j)/(K − 1) for ``rloo`` and b_k = 0 for ``none``.
+    """
+    lp = log_probs(w, phi)
+    p = jnp.exp(lp)
+    y = inverse_cdf(p, u)
+    ratio = jnp.clip(lp[y] - log_probs(w_ref, phi)[y], -tau, tau)
+    r = reward[y] - beta * ratio
+    k = u.shape[0]
+    if baseline == "rloo":
+        adv = r - (jnp.sum(r) - r) / (k - 1)
+    else:
+        adv = r
+    score = phi[y] - p @ phi
+    return adv @ score / k
+
+
+def full_gradient(w, w_ref, data: TrainData, beta, tau) -> jax.Array:
+    """∇F_S(w), exact over responses, averaged over all n training prompts."""
+    g = jax.vmap(exact_gradient, in_axes=(None, None, 0, 0, None, None))(w, w_ref, data.phi, data.reward,
+                                                                         beta, tau)
+    return jnp.mean(g, axis=0)
+
+
+def minibatch_indices(spec: Spec, key: jax.Array) -> jax.Array:
+    """The minibatch prompt indices ``[T, b]`` (b = 1 for SGA, unused by GA).
+
+    The engine draws them from one key shared by all problems of a run: each
+    problem's prompts are i.i.d., so a fixed index sequence is as random for
+    each problem as a private one, and sharing it keeps the run's results
+    independent of how problems are chunked.
+    """
+    b = 1 if spec.learner == "SGA" else spec.batch
+    return jax.random.randint(key, (spec.steps, b), 0, spec.prompts, dtype=jnp.int32)
+
+
+def _step_size(spec: Spec):
+    if spec.learner == "SGA" or (spec.learner == "SGD" and spec.schedule == "inv_sqrt"):
+        return lambda t: spec.lr / jnp.sqrt(t + 1.0)
+    return spec.lr
+
+
+def train_policy(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Array) -> PolicyFit:
+    """Run the spec's learner from w_0 = w_ref for T steps; see the module docstring."""
+    beta, tau = spec.beta, training_tau(spec)
+    opt = optax.sgd(_step_size(spec))
+
+    def batch_gradient(w, idx):
+        if spec.learner == "GA":
+            return full_gradient(w, w_ref, data, beta, tau)
+        phi, reward, u = data.phi[idx], data.reward[idx], data.u[idx]
+        if spec.estimator == "exact":
+            g = jax.vmap(exact_gradient, in_axes=(None, None, 0, 0, None, None))(w, w_ref, phi, reward, beta, tau)
+        else:
+            g = jax.vmap(rollout_gradient, in_axes=(None, None, 0, 0, 0, None, None, None))(
+                w, w_ref, phi, reward, u, beta, tau, spec.estimator)
+        return jnp.mean(g, axis=0)
+
+    def step(carry, idx):
+        w, opt_state = carry
+        g = batch_gradient(w, idx)
+        updates, opt_state = opt.update(-g, opt_state, w)  # ascent on F_S
+        return (optax.apply_updates(w, updates), opt_state), None
+
+    def checkpoint(carry, idx_block):
+        carry, _ = jax.lax.scan(step, carry, idx_block)
+        w = carry[0]
+        gnorm = jnp.linalg.norm(full_gradient(w, w_ref, data, beta, tau))
+        return carry, (w, gnorm)
+
+    n_ckpt = spec.steps // spec.record_every
+    idx = indices.reshape(n_ckpt, spec.record_every, -1)
+    w0 = w_ref
+    (w_last, _), (traj_w, traj_g) = jax.lax.scan(checkpoint, (w0, opt.init(w0)), idx)
+    best = jnp.argmin(traj_g)
+    return PolicyFit(w_last, traj_w[best], traj_g[-1], traj_g[best], traj_w, traj_g)

@@ -1,0 +1,179 @@
+"""Results of a run (one spec) and of a study (several named specs), saved and loaded.
+
+A run's folder holds ``record.json`` (spec, seed, problem count, chunk size,
+machine, versions, timings) and ``chunks/chunk-NNNNNN.npz`` (per-problem
+columns and small arrays). A study's folder holds ``study.json`` and one run
+folder per regime. ``rlhf_bounds.load(path)`` reads either back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .spec import Spec
+
+__all__ = ["Results", "StudyResults", "load", "read_record", "write_json_atomic", "chunk_files", "LoadError"]
+
+_CHUNK = re.compile(r"chunk-(\d{6})\.npz$")
+
+
+class LoadError(RuntimeError):
+    """A path does not hold saved results."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def read_record(folder: Path) -> dict[str, Any]:
+    with open(Path(folder) / "record.json") as fh:
+        return json.load(fh)
+
+
+def chunk_files(folder: Path) -> dict[int, Path]:
+    """The finished chunk files of a run folder, by chunk number."""
+    out = {}
+    for path in sorted((Path(folder) / "chunks").glob("chunk-*.npz")):
+        m = _CHUNK.search(path.name)
+        if m:
+            out[int(m.group(1))] = path
+    return out
+
+
+class Results:
+    """Per-problem results of one spec: ``columns`` (1-D, one value per problem) and ``arrays``.
+
+    ``results["gap_total"]`` is a NumPy array over problems; ``results.ok`` is
+    the mask of problems with no status flag; ``results.spec`` the spec.
+    """
+
+    def __init__(self, data: dict[str, np.ndarray], record: dict[str, Any], path: Path | None = None):
+        order = np.argsort(data["problem"], kind="stable") if "problem" in data else None
+        self.columns: dict[str, np.ndarray] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        for k, v in data.items():
+            v = v[order] if order is not None else v
+            (self.columns if v.ndim == 1 else self.arrays)[k] = v
+        self.record = record
+        self.path = path
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_chunks(cls, chunks: list[dict[str, np.ndarray]], record: dict[str, Any],
+                    path: Path | None = None) -> "Results":
+        if not chunks:
+            raise LoadError("no finished chunks")
+        keys = chunks[0].keys()
+        return cls({k: np.concatenate([c[k] for c in chunks]) for k in keys}, record, path)
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "Results":
+        folder = Path(folder)
+        if not (folder / "record.json").exists():
+            raise LoadError(f"{folder} holds no record.json: not a run folder")
+        record = read_record(folder)
+        files = chunk_files(folder)
+        if not files:
+            raise LoadError(f"{folder} holds no finished chunks")
+        chunks = []
+        for _, path in sorted(files.items()):
+            with np.load(path) as z:
+                chunks.append({k: z[k] for k in z.files})
+        return cls.from_chunks(chunks, record, folder)
+
+    # ---- access -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.columns:
+            return self.columns[name]
+        return self.arrays[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.columns or name in self.arrays
+
+    @property
+    def spec(self) -> Spec:
+        return Spec.from_dict(self.record["spec"])
+
+    @property
+    def complete(self) -> bool:
+        return self.record.get("status") == "complete" and len(self) == self.record.get("problems")
+
+    @property
+    def ok(self) -> np.ndarray:
+        """Problems with no status flag (the ones that enter averages)."""
+        return self["status"] == 0
+
+    def to_pandas(self):
+        """The per-problem columns as a pandas DataFrame (pandas must be installed)."""
+        import pandas as pd
+        return pd.DataFrame(self.columns)
+
+    def __repr__(self) -> str:
+        return f"Results({len(self)} problems, {len(self.columns)} columns, spec: {self.spec.describe()})"
+
+
+class StudyResults:
+    """Results of a study: an ordered mapping from regime name to :class:`Results`."""
+
+    def __init__(self, regimes: dict[str, Results], record: dict[str, Any], path: Path | None = None):
+        self.regimes = regimes
+        self.record = record
+        self.path = path
+
+    def __getitem__(self, name: str) -> Results:
+        return self.regimes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.regimes)
+
+    def __len__(self) -> int:
+        return len(self.regimes)
+
+    def items(self):
+        return self.regimes.items()
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}: {len(v)}" for k, v in self.regimes.items())
+        return f"StudyResults({self.record.get('suite', '?')}: {inner})"
+
+
+def load(path: str | os.PathLike) -> Results | StudyResults:
+    """Load saved results: a run folder gives :class:`Results`, a study folder :class:`StudyResults`."""
+    folder = Path(path)
+    if (folder / "study.json").exists():
+        with open(folder / "study.json") as fh:
+            record = json.load(fh)
+        regimes = {}
+        for name in record["regimes"]:
+            sub = folder / name
+            if (sub / "record.json").exists() and chunk_files(sub):
+                regimes[name] = Results.from_folder(sub)
+        return StudyResults(regimes, record, folder)
+    if (folder / "record.json").exists():
+        return Results.from_folder(folder)
+    raise LoadError(f"{folder} holds neither study.json nor record.json: no saved results there")

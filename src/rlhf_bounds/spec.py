@@ -1,0 +1,196 @@
+"""The problem spec: everything that defines one simulated RLHF problem (THEORY.md §2).
+
+A :class:`Spec` is a frozen dataclass registered as a JAX pytree. Its *static*
+fields (shapes, step counts, choices of law or learner) are pytree metadata, so
+they select a compiled kernel; its *traced* fields (β, τ, D, C, σ_ξ, the
+behaviour shift, the learning rate, ...) are pytree leaves, so a population of
+specs that share their static fields can be stacked and vmapped, and changing a
+traced field does not recompile.
+
+Every field carries its allowed range; :meth:`Spec.validate` checks them all
+before anything is compiled and raises :class:`SpecError` with a one-line
+message naming the field, the value and the range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import jax
+
+__all__ = ["Spec", "SpecError", "FIELDS", "FEATURE_LAWS", "LEARNERS", "ESTIMATORS"]
+
+FEATURE_LAWS = ("sphere", "gaussian", "anisotropic", "lowrank", "shared")
+LEARNERS = ("GA", "SGA", "SGD")
+ESTIMATORS = ("exact", "rloo", "none")
+SCHEDULES = ("constant", "inv_sqrt")
+REWARD_MODELS = ("oracle", "mle")
+TRAIN_LOG_RATIOS = ("clipped", "exact")
+
+
+class SpecError(ValueError):
+    """A spec field (or command-line option) is outside its allowed range."""
+
+
+def _f(default, help, *, static=False, lo=None, hi=None, lo_open=False, hi_open=False,
+       choices=None, allow_inf=False, cli=None, symbol=None):
+    """A spec field with its range, help text and command-line name."""
+    meta = dict(help=help, static=static, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open,
+                choices=choices, allow_inf=allow_inf, cli=cli, symbol=symbol)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One RLHF problem family; each problem drawn from it has its own PRNG key.
+
+    Static fields (compile-time) come first, traced fields (vmappable) after.
+    """
+
+    # ---- static: shapes and counts ------------------------------------------------------
+    d: int = _f(8, "feature dimension d", static=True, lo=1, cli="--d", symbol="d")
+    actions: int = _f(8, "candidate responses per prompt A", static=True, lo=1, cli="--actions", symbol="A")
+    prompts: int = _f(256, "training prompts n (and prompts in the fresh evaluation sample)", static=True, lo=1,
+                      cli="--prompts", symbol="n")
+    rollouts: int = _f(4, "rollouts per prompt K", static=True, lo=1, cli="--rollouts", symbol="K")
+    pref_pairs: int = _f(512, "preference pairs N_pref for the reward model", static=True, lo=1,
+                         cli="--pref-pairs", symbol="N_pref")
+    eval_prompts: int = _f(2048, "evaluation prompts M for population values (exact over responses)", static=True,
+                           lo=1, cli="--eval-prompts", symbol="M")
+    steps: int = _f(400, "policy optimisation steps T", static=True, lo=1, cli="--steps", symbol="T")
+    batch: int = _f(32, "SGD minibatch size b (prompts drawn with replacement)", static=True, lo=1,
+                    cli="--batch", symbol="b")
+    record_every: int = _f(50, "record the trajectory every this many steps (must divide T)", static=True, lo=1,
+                           cli="--record-every")
+    newton_steps: int = _f(8, "Newton steps of the Bradley-Terry reward-model fit", static=True, lo=1,
+                           cli="--newton-steps")
+    rank: int = _f(2, "subspace dimension k of the lowrank feature law (k ≤ d)", static=True, lo=1, cli="--rank",
+                   symbol="k")
+    # ---- static: choices ----------------------------------------------------------------
+    feature_law: str = _f("sphere", "feature law of φ(x, a)", static=True, choices=FEATURE_LAWS,
+                          cli="--feature-law")
+    learner: str = _f("SGD", "policy learner: GA (full batch), SGA (one prompt, η0/√t), SGD (optax, batch b)",
+                      static=True, choices=LEARNERS, cli="--learner")
+    estimator: str = _f("rloo", "policy gradient: exact over responses, or score function over the K rollouts "
+                        "with a leave-one-out baseline (rloo) or none", static=True, choices=ESTIMATORS,
+                        cli="--estimator")
+    schedule: str = _f("constant", "SGD step-size schedule (SGA always uses η0/√t)", static=True,
+                       choices=SCHEDULES, cli="--schedule")
+    reward_model: str = _f("mle", "reward used in training: the oracle r* or the Bradley-Terry MLE r̂",
+                           static=True, choices=REWARD_MODELS, cli="--reward-model")
+    train_log_ratio: str = _f("clipped", "log-ratio in the training reward: clipped at τ or exact", static=True,
+                              choices=TRAIN_LOG_RATIOS, cli="--train-log-ratio")
+    # ---- traced: the world --------------------------------------------------------------
+    beta: float = _f(0.5, "KL weight β", lo=0.0, lo_open=True, cli="--beta", symbol="β")
+    tau: float = _f(math.inf, "clipping threshold τ on the log-ratio (inf: no clipping)", lo=0.0, allow_inf=True,
+                    cli="--tau", symbol="τ")
+    reward_norm: float = _f(1.0, "‖θ*‖ = D", lo=0.0, lo_open=True, cli="--reward-norm", symbol="D")
+    feature_bound: float = _f(1.0, "feature bound ‖φ‖ ≤ C", lo=0.0, lo_open=True, cli="--feature-bound",
+                              symbol="C")
+    sigma_xi: float = _f(0.0, "misspecification σ_ξ (0: realizable)", lo=0.0, cli="--sigma-xi", symbol="σ_ξ")
+    condition: float = _f(10.0, "condition number of Σ_φ for the anisotropic law", lo=1.0, cli="--condition")
+    shared_weight: float = _f(0.5, "weight of the prompt component in the shared law", lo=0.0, hi=1.0,
+                              cli="--shared-weight")
+    shift: float = _f(0.0, "behaviour shift s: w_μ = w_ref + s·θ*/β + noise", lo=-math.inf, cli="--shift",
+                      symbol="s")
+    mix_eps: float = _f(0.1, "uniform mixing ε of the behaviour policy μ", lo=0.0, hi=1.0, cli="--mix-eps",
+                        symbol="ε")
+    mu_noise: float = _f(0.0, "standard deviation of the noise added to w_μ", lo=0.0, cli="--mu-noise")
+    # ---- traced: learners ---------------------------------------------------------------
+    lr: float = _f(1.0, "step size η (η0 for SGA and inv_sqrt)", lo=0.0, lo_open=True, cli="--lr", symbol="η")
+    ridge: float = _f(1.0, "ridge λ of the reward-model fit", lo=0.0, lo_open=True, cli="--ridge", symbol="λ")
+    # ---- traced: bounds -----------------------------------------------------------------
+    delta: float = _f(0.05, "failure probability δ of the bounds", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
+                      cli="--delta", symbol="δ")
+
+    # -------------------------------------------------------------------------------------
+    @classmethod
+    def static_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.metadata["static"])
+
+    @classmethod
+    def traced_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if not f.metadata["static"])
+
+    def replace(self, **changes: Any) -> "Spec":
+        """A copy with some fields changed (validated)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise SpecError(f"unknown spec field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes).validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Spec":
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise SpecError(f"unknown spec field(s): {', '.join(sorted(unknown))}")
+        return cls(**values).validate()
+
+    def validate(self) -> "Spec":
+        """Check every field against its range; raise :class:`SpecError` on the first bad one."""
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.steps % self.record_every:
+            raise SpecError(f"record_every={self.record_every} must divide steps={self.steps}")
+        if self.feature_law == "lowrank" and self.rank > self.d:
+            raise SpecError(f"rank={self.rank} out of range: the lowrank law needs 1 ≤ rank ≤ d={self.d}")
+        if self.estimator == "rloo" and self.learner != "GA" and self.rollouts < 2:
+            raise SpecError(f"rollouts={self.rollouts} out of range: the rloo estimator needs rollouts ≥ 2")
+        return self
+
+    def describe(self) -> str:
+        """A short human description of the fields that differ from the defaults."""
+        default = Spec()
+        diff = [f"{k}={v}" for k, v in self.to_dict().items() if getattr(default, k) != v]
+        return ", ".join(diff) if diff else "defaults"
+
+
+def _range_text(m) -> str:
+    if m["choices"]:
+        return "one of " + ", ".join(m["choices"])
+    lo, hi = m["lo"], m["hi"]
+    left = "(" if m["lo_open"] else "["
+    right = ")" if (m["hi_open"] or hi is None) else "]"
+    lo_s = "-inf" if lo is None or lo == -math.inf else f"{lo:g}"
+    hi_s = "inf" if hi is None else f"{hi:g}"
+    if m["allow_inf"] and hi is None:
+        right = "]"
+    return f"{left}{lo_s}, {hi_s}{right}"
+
+
+def _check_field(f, value) -> None:
+    m = f.metadata
+    name = f.name
+    if m["choices"] is not None:
+        if value not in m["choices"]:
+            raise SpecError(f"{name}={value!r} is not allowed: must be {_range_text(m)}")
+        return
+    is_int = f.type in ("int", int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(f"{name}={value!r} is not a number: must be in {_range_text(m)}")
+    if is_int and (not float(value).is_integer() or not math.isfinite(value)):
+        raise SpecError(f"{name}={value!r} must be a whole number in {_range_text(m)}")
+    v = float(value)
+    if math.isnan(v):
+        raise SpecError(f"{name}=nan is not allowed: must be in {_range_text(m)}")
+    if math.isinf(v) and not (m["allow_inf"] and v > 0):
+        raise SpecError(f"{name}={value} out of range: must be finite, in {_range_text(m)}")
+    lo, hi = m["lo"], m["hi"]
+    bad = (lo is not None and (v < lo or (m["lo_open"] and v == lo))) or \
+          (hi is not None and (v > hi or (m["hi_open"] and v == hi)))
+    if bad:
+        raise SpecError(f"{name}={value:g} out of range: must be in {_range_text(m)}")
+
+
+FIELDS = {f.name: f for f in fields(Spec)}
+
+jax.tree_util.register_dataclass(
+    Spec, data_fields=list(Spec.traced_names()), meta_fields=list(Spec.static_names())
+)
