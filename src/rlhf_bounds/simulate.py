@@ -15,26 +15,15 @@ from . import gap
 from .learners import TrainData, minibatch_indices, train_policy
 from .reward import draw_preferences, fit_bradley_terry
 from .spec import Spec
+from .status import status_code
 from .world import behaviour_log_probs, draw_prompts, draw_world, true_reward
 
-__all__ = ["simulate", "STATUS_OK", "STATUS_NONFINITE", "STATUS_REWARD_FIT", "ARRAY_FIELDS", "status_names"]
+__all__ = ["simulate", "ARRAY_FIELDS"]
 
 F32 = jnp.float32
 
-STATUS_OK = 0
-#: A result of this problem is NaN or infinite where it must be finite.
-STATUS_NONFINITE = 1
-#: The reward-model Newton iterations did not reach a small gradient.
-STATUS_REWARD_FIT = 2
-
 #: Per-problem results that are arrays rather than scalars.
 ARRAY_FIELDS = ("theta_star", "theta_hat", "w_last", "w_best", "traj_w", "traj_grad_norm")
-
-
-def status_names(status: int) -> list[str]:
-    """The flags set in a status code, by name."""
-    names = {STATUS_NONFINITE: "nonfinite", STATUS_REWARD_FIT: "reward_fit"}
-    return [name for bit, name in names.items() if status & bit]
 
 
 def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax.Array]:
@@ -110,15 +99,5 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
         traj_w=fit_w.traj_w,
         traj_grad_norm=fit_w.traj_grad_norm,
     )
-    out["status"] = _status(spec, out)
+    out["status"] = status_code(spec, out)
     return out
-
-
-def _status(spec: Spec, out: dict[str, jax.Array]) -> jax.Array:
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in out.values()]))
-    status = jnp.where(finite, 0, STATUS_NONFINITE)
-    if spec.reward_model == "mle":
-        # The summed loss's gradient scales with N_pref; Newton in float32 reaches ~1e-6 of it.
-        tol = 1e-3 * spec.pref_pairs * spec.feature_bound
-        status = status | jnp.where(out["reward_fit_grad_norm"] > tol, STATUS_REWARD_FIT, 0)
-    return status.astype(jnp.int32)
