@@ -62,7 +62,7 @@ class Problem(NamedTuple):
     pop: dict                # population values of w
     theta_hat: jax.Array
     pref_u: jax.Array        # preference differences u_j ``[N, d]`` (empty for the oracle)
-    fit_grad_norm: jax.Array
+    pref_z: jax.Array        # preference labels z_j ``[N]``
     reward_range: jax.Array  # sup r̂ − inf r̂
     log_ratio_range: jax.Array  # 2C‖w − w_ref‖
     key: jax.Array           # this problem's key for the Monte Carlo draws from Q
@@ -96,8 +96,11 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     if spec.reward_model == "mle":
         mu = jnp.exp(p.evalset.log_mu)
         second_moment = jnp.einsum("ma,mai,maj->ij", mu, p.evalset.phi, p.evalset.phi) / mu.shape[0]
+        # B7 needs the residual gradient of the fit in float64 (the fit itself ran in float32).
+        u64, z64, th64 = (jnp.asarray(x, jnp.float64) for x in (p.pref_u, p.pref_z, p.theta_hat))
+        residual = jnp.linalg.norm(u64.T @ (jax.nn.sigmoid(u64 @ th64) - z64) + spec.ridge * th64)
         cert = bounds.certified_reward_error(p.pref_u, p.theta_hat, spec.ridge, spec.reward_norm,
-                                             second_moment, delta / 2, p.fit_grad_norm)
+                                             second_moment, delta / 2, residual)
         l2_certified, radius = cert.l2_bound, cert.radius
     else:
         l2_certified, radius = jnp.zeros((), jnp.float64), jnp.zeros((), jnp.float64)

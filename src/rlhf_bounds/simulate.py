@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from . import gap
+from .catalogue import EvalSet, Problem, bound_columns
 from .learners import TrainData, minibatch_indices, train_policy
 from .reward import draw_preferences, fit_bradley_terry
 from .spec import Spec
@@ -36,7 +37,7 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
     on the training sample itself; the quantities later bounds need; the
     problem's parameters; and a ``status`` code.
     """
-    k_world, k_pref, k_train, k_fresh, k_eval = jax.random.split(key, 5)
+    k_world, k_pref, k_train, k_fresh, k_eval, k_post = jax.random.split(key, 6)
     world = draw_world(spec, k_world)
     n, K = spec.prompts, spec.rollouts
 
@@ -44,10 +45,11 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
     if spec.reward_model == "mle":
         prefs = draw_preferences(spec, world, k_pref)
         fit = fit_bradley_terry(prefs.u, prefs.z, spec.ridge, spec.newton_steps)
-        theta_hat, fit_grad = fit.theta, fit.grad_norm
+        theta_hat, fit_grad, pref_u, pref_z = fit.theta, fit.grad_norm, prefs.u, prefs.z
         oracle_residual = 0.0
     else:
         theta_hat, fit_grad = world.theta_star, jnp.zeros((), F32)
+        pref_u, pref_z = jnp.zeros((0, spec.d), F32), jnp.zeros((0,), F32)
         oracle_residual = spec.sigma_xi  # the oracle r̂ = r* includes the residual
 
     def reward_hat(prompts):
@@ -63,8 +65,8 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
     # ---- population values on the evaluation set ----------------------------------------
     ev = draw_prompts(spec, world, k_eval, spec.eval_prompts)
     log_mu = jax.vmap(lambda phi: behaviour_log_probs(spec, world, phi))(ev.phi)
-    stats = gap.prompt_stats(w, world.w_ref, ev.phi, reward_hat(ev), true_reward(spec, world, ev), log_mu,
-                             spec.beta, spec.tau)
+    evalset = EvalSet(ev.phi, reward_hat(ev), true_reward(spec, world, ev), log_mu)
+    stats = gap.prompt_stats(w, world.w_ref, *evalset, spec.beta, spec.tau)
     pop = gap.population(stats)
 
     # ---- Ĵ on a fresh sample (fixed policy) and on the training sample -------------------
@@ -100,4 +102,7 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
         traj_grad_norm=fit_w.traj_grad_norm,
     )
     out["status"] = status_code(spec, out)
+    problem = Problem(w, world.w_ref, data, evalset, stats, pop, theta_hat, pref_u, pref_z, out["reward_range"],
+                      out["log_ratio_range"], k_post)
+    out.update(bound_columns(spec, problem))
     return out

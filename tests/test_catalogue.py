@@ -1,0 +1,111 @@
+"""The bound catalogue wired into the engine: coverage over thousands of simulated problems.
+
+THEORY.md §8.1: a valid bound correctly implemented is never refuted at scale,
+i.e. the one-sided Clopper-Pearson lower limit of its violation rate stays
+below δ. B1's reward-shift and clipping inequalities are deterministic and must
+hold on every problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import rlhf_bounds as rb
+from rlhf_bounds import bounds
+from rlhf_bounds.report import CHECKS, coverage_rows
+
+SMALL = dict(d=4, actions=4, prompts=32, rollouts=4, pref_pairs=128, eval_prompts=256, steps=40, batch=8,
+             record_every=20, posterior_draws=8)
+
+CASES = {
+    # realizable, oracle reward, no clipping: only the sampling term is non-zero
+    "oracle": rb.Spec(**SMALL, reward_model="oracle"),
+    # Bradley-Terry reward model from shifted data, clipped log-ratio: every term non-zero
+    "mle-clipped": rb.Spec(**SMALL, reward_model="mle", shift=-0.5, tau=0.3),
+    # misspecified reward, the oracle and a finite τ (so B2's Gaussian posterior has a finite width)
+    "misspecified": rb.Spec(**SMALL, reward_model="oracle", sigma_xi=0.5, tau=1.0),
+}
+PROBLEMS = 2000
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    spec = CASES[request.param]
+    return request.param, rb.run(spec, PROBLEMS, seed=11, progress=False)
+
+
+@pytest.mark.slow
+def test_bounds_hold_at_their_delta(case):
+    name, res = case
+    assert res.ok.sum() == PROBLEMS, f"{name}: flagged problems {np.unique(res['status'])}"
+    rows = {r["check"]: r for r in coverage_rows(res)}
+    for label in ("B1 total", "B1 sampling", "B1 certified (B7)", "B2 Occam", "B2 Gaussian"):
+        row = rows[label]
+        assert row["n"] == PROBLEMS
+        # Not refuted: the one-sided 95% Clopper-Pearson lower limit of the violation rate is ≤ δ.
+        assert row["cp_lower"] <= row["delta"], (name, label, row)
+
+
+@pytest.mark.slow
+def test_deterministic_terms_hold_on_every_problem(case):
+    name, res = case
+    ok = res.ok
+    # Cauchy-Schwarz on the evaluation set's own empirical law, and |ℓ − ℓ^τ| = (|ℓ| − τ)_+:
+    # exact inequalities up to float32 round-off of the simulated values.
+    slack = 1e-5 * (1.0 + np.abs(res["b1_reward_shift"][ok]))
+    assert np.all(np.abs(res["gap_reward_shift"][ok]) <= res["b1_reward_shift"][ok] + slack), name
+    slack = 1e-5 * (1.0 + np.abs(res["b1_clipping"][ok]))
+    assert np.all(np.abs(res["gap_clipping"][ok]) <= res["b1_clipping"][ok] + slack), name
+
+
+@pytest.mark.slow
+def test_coverage_check_has_power(case):
+    """The same check refutes a bound that is too small: B1's sampling term shrunk 100-fold."""
+    name, res = case
+    actual = np.abs(res["gap_sampling"])
+    shrunk = res["b1_sampling"] / 100.0
+    k = int(np.sum(actual > shrunk))
+    assert float(bounds.clopper_pearson_lower(k, actual.size, 0.05)) > res.spec.delta, (name, k)
+
+
+def test_b1_columns_match_the_pure_function():
+    """The engine's B1 columns are b1_terms applied to the problem's own population values."""
+    spec = rb.Spec(**SMALL, reward_model="mle", tau=0.5)
+    res = rb.run(spec, 16, seed=3, progress=False)
+    b1 = bounds.b1_terms(res["reward_range"], spec.beta, spec.tau, spec.prompts, spec.rollouts, spec.delta,
+                         res["chi2"], res["l2_train"], res["tail_excess"], res["log_ratio_range"])
+    np.testing.assert_allclose(res["b1_sampling"], np.asarray(b1.sampling), rtol=1e-6)
+    np.testing.assert_allclose(res["b1_reward_shift"], np.asarray(b1.reward_shift), rtol=1e-6)
+    np.testing.assert_allclose(res["b1_clipping"], np.asarray(b1.clipping), rtol=1e-6)
+    np.testing.assert_allclose(res["b1_total"], np.asarray(b1.total), rtol=1e-6)
+    # B1's sampling term by hand: W_τ(√(log(4/δ)/2n) + √(log(4/δ)/2nK)), W_τ = range + 2β·min(τ, 2C‖w‖).
+    n, K, d = spec.prompts, spec.rollouts, spec.delta
+    width = res["reward_range"] + 2 * spec.beta * np.minimum(spec.tau, res["log_ratio_range"])
+    alpha = math.sqrt(math.log(4 / d) / (2 * n)) + math.sqrt(math.log(4 / d) / (2 * n * K))
+    np.testing.assert_allclose(res["b1_sampling"], width * alpha, rtol=1e-5)
+
+
+def test_gaussian_posterior_is_vacuous_without_clipping():
+    """With τ = ∞ no finite width holds r̂ − βℓ over R^d: B2-Gaussian is +∞, never NaN."""
+    res = rb.run(rb.Spec(**SMALL, reward_model="oracle"), 8, seed=0, progress=False)
+    assert np.all(np.isposinf(res["b2_gauss_total"]))
+    assert np.all(np.isfinite(res["b2_occam_total"]))
+
+
+def test_occam_quantisation_is_within_the_grid():
+    spec = rb.Spec(**SMALL, reward_model="mle", tau=0.5)
+    res = rb.run(spec, 16, seed=5, progress=False)
+    kl = float(bounds.occam_log_cardinality(spec.d, spec.occam_radius, spec.occam_spacing))
+    per_coordinate = math.floor(2 * spec.occam_radius / spec.occam_spacing + 1e-9) + 1
+    assert kl == pytest.approx(spec.d * math.log(per_coordinate), rel=1e-12)
+    np.testing.assert_allclose(res["b2_occam_kl"], kl, rtol=1e-12)
+    assert np.all(res["quantization_effect"] >= 0)
+
+
+def test_every_check_names_real_columns():
+    res = rb.run(rb.Spec(**SMALL, tau=1.0), 4, seed=0, progress=False)
+    for c in CHECKS:
+        assert c.actual in res.columns and c.bound in res.columns, c
