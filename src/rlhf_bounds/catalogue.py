@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from . import bounds, gap, ou
 from .learners import TrainData
+from .policy import log_ratio
 from .spec import Spec
 
 __all__ = ["EvalSet", "Problem", "bound_columns", "PRIOR_SCALES", "PB_SHARE", "MC_SHARE"]
@@ -72,7 +73,8 @@ def _population_at(spec: Spec, p: Problem) -> Callable[[jax.Array], dict]:
     def at(w):
         e = p.evalset
         stats = gap.prompt_stats(w, p.w_ref, e.phi, e.r_hat, e.r_star, e.log_mu, spec.beta, spec.tau)
-        return {k: jnp.mean(v) for k, v in stats._asdict().items() if v.ndim == 1}
+        # Means over prompts of the per-prompt values (log1p_chi2 does not average this way: skip it).
+        return {k: jnp.mean(v) for k, v in stats._asdict().items() if v.ndim == 1 and k != "log1p_chi2"}
     return at
 
 
@@ -87,7 +89,9 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     pop, out = p.pop, {}
 
     # ---- B1, fixed policy ---------------------------------------------------------------
-    b1 = bounds.b1_terms(p.reward_range, beta, tau, n, K, delta, pop["chi2"], pop["l2_train"],
+    # χ² from log(1 + χ²) in float64: finite even where float32 χ² overflows.
+    chi2 = jnp.expm1(jnp.asarray(pop["log1p_chi2"], jnp.float64))
+    b1 = bounds.b1_terms(p.reward_range, beta, tau, n, K, delta, chi2, pop["l2_train"],
                          pop["tail_excess"], p.log_ratio_range)
     out.update(b1_sampling=b1.sampling, b1_reward_shift=b1.reward_shift, b1_clipping=b1.clipping,
                b1_total=b1.total)
@@ -104,7 +108,7 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
         l2_certified, radius = cert.l2_bound, cert.radius
     else:
         l2_certified, radius = jnp.zeros((), jnp.float64), jnp.zeros((), jnp.float64)
-    b1c = bounds.b1_terms(p.reward_range, beta, tau, n, K, delta / 2, pop["chi2"], l2_certified,
+    b1c = bounds.b1_terms(p.reward_range, beta, tau, n, K, delta / 2, chi2, l2_certified,
                           pop["tail_excess"], p.log_ratio_range)
     out.update(b1_total_certified=b1c.total, b7_radius=radius, b7_l2_bound=l2_certified)
 
@@ -123,7 +127,7 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
 def _variances(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     """σ²_prompt = Var_x E_{π_w}[h] and σ²_roll = E_x Var_{π_w}[h] of h = r̂ − βℓ^τ (B4's variance-aware K*)."""
     s, e = p.stats, p.evalset
-    ell = jnp.log(jnp.maximum(s.prob, 1e-38)) - jax.vmap(lambda phi: jax.nn.log_softmax(phi @ p.w_ref))(e.phi)
+    ell = jax.vmap(log_ratio, in_axes=(None, None, 0))(p.w, p.w_ref, e.phi)
     h = e.r_hat - spec.beta * jnp.clip(ell, -spec.tau, spec.tau)
     mean_h = jnp.sum(s.prob * h, axis=-1)
     var_roll = jnp.sum(s.prob * (h - mean_h[:, None]) ** 2, axis=-1)

@@ -3,21 +3,29 @@
 ``rlhf-bounds run`` runs a suite (default: the decomposition study), shows a
 progress bar, prints a summary table and saves the results to a folder that
 ``rlhf_bounds.load`` reads back. ``rlhf-bounds report PATH`` prints the table
-of saved results. User mistakes get one line on stderr and exit code 2.
+of saved results.
+
+User mistakes get one line on stderr naming the option, the value and the
+allowed range, and exit code 2, with no traceback. ``run`` checks every spec
+field of every regime, the run options and the output folder (writable, and
+not holding a different run or study) before anything is compiled or written.
+An interrupted run exits with code 130; the same command resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
-from .spec import FIELDS, Spec, SpecError
+from .spec import FIELDS, Spec, SpecError, _range_text
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,15 +34,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
-def _number(kind):
+def _number(kind, allowed: str):
+    """An argparse type: a number of ``kind`` (int or float); bad text is reported with the ``allowed`` range."""
     def parse(text: str):
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number: must be {allowed}") from None
         if kind is int:
             if not math.isfinite(value) or not value.is_integer():
-                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: must be {allowed}")
             return int(value)
         return value
     parse.__name__ = kind.__name__
@@ -47,13 +56,14 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
         m = f.metadata
         kind = int if f.type in ("int", int) else float if f.type in ("float", float) else str
         sym = f" ({m['symbol']})" if m["symbol"] else ""
-        from .spec import _range_text
-        help_text = f"{m['help']}{sym}; default {f.default}; allowed {_range_text(m)}"
-        dest = f.name
+        allowed = _range_text(m)
+        help_text = f"{m['help']}{sym}; default {f.default}; allowed {allowed}"
         if m["choices"]:
-            g.add_argument(m["cli"], dest=dest, default=None, metavar="|".join(m["choices"]), help=help_text)
+            g.add_argument(m["cli"], dest=f.name, default=None, metavar="|".join(m["choices"]), help=help_text)
         else:
-            g.add_argument(m["cli"], dest=dest, type=_number(kind), default=None, help=help_text)
+            whole = "a whole number " if kind is int else ""
+            g.add_argument(m["cli"], dest=f.name, type=_number(kind, f"{whole}in {allowed}"), default=None,
+                           help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,13 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--suite", default="decomposition", metavar="|".join(SUITES),
                    help="which study to run (default decomposition: one regime per gap term; "
                         "single: one spec from the options)")
-    r.add_argument("--problems", type=_number(int), default=DEFAULT_PROBLEMS,
+    r.add_argument("--problems", type=_number(int, "a whole number ≥ 1"), default=DEFAULT_PROBLEMS,
                    help=f"problems per regime (default {DEFAULT_PROBLEMS}; allowed ≥ 1)")
-    r.add_argument("--seed", type=_number(int), default=0, help="PRNG seed (default 0; allowed [0, 2^32))")
+    r.add_argument("--seed", type=_number(int, "a whole number in [0, 2^32)"), default=0,
+                   help="PRNG seed (default 0; allowed [0, 2^32))")
     r.add_argument("--out", default=None,
-                   help="output folder (default runs/SUITE-seedSEED); rerunning into it resumes")
-    r.add_argument("--chunk-size", type=_number(int), default=None,
-                   help="problems per compiled call (default: sized for memory; results do not depend on it)")
+                   help="output folder (default runs/SUITE-seedSEED); rerunning the same command into it resumes")
+    r.add_argument("--chunk-size", type=_number(int, "a whole number ≥ 1"), default=None,
+                   help="problems per compiled call (default: sized for memory; results do not depend on it, "
+                        "but resuming needs the same value)")
     r.add_argument("--overwrite", action="store_true", help="discard results already in --out")
     r.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     _add_spec_options(r)
@@ -87,16 +99,64 @@ def _spec_overrides(args) -> dict:
     return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
 
 
+def check_study_folder(out: Path, study: dict, regimes: list, problems: int, seed: int, chunk_size: int | None,
+                       overwrite: bool) -> None:
+    """Refuse ``out`` before anything runs (:class:`~rlhf_bounds.engine.RunError`).
+
+    Refused: a file; a folder holding a single run (not a study); a study
+    whose record differs from ``study`` (suite, regimes, problems, seed); a
+    regime folder holding a different run; a folder that cannot be written.
+    With ``overwrite`` only the first and the last. Creates ``out`` if absent.
+    """
+    from .engine import RunError, check_folder, run_identity
+    from .results import LoadError, read_json
+
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out={out} is a file, not a folder")
+    hint = "use another output folder or --overwrite"
+    if not overwrite:
+        if (out / "record.json").exists() and not (out / "study.json").exists():
+            raise RunError(f"out={out} holds a single run saved by rlhf_bounds.run, not a study; {hint}")
+        if (out / "study.json").exists():
+            try:
+                there = read_json(out / "study.json", "study record")
+            except LoadError as err:
+                raise RunError(f"out={out}: {err}; {hint}") from None
+            for key, now in study.items():
+                if there.get(key) != now:
+                    raise RunError(f"out={out} holds a study with a different {key} ({there.get(key)!r} there, "
+                                   f"{now!r} now); {hint}")
+        for name, spec in regimes:
+            identity, _ = run_identity(spec, problems, seed, chunk_size)
+            check_folder(out / name, identity)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"out={out} is not writable: {err.strerror or err}") from None
+
+
 def cmd_run(args) -> int:
     from . import report
-    from .engine import machine_info
+    from .engine import check_run_options, machine_info
     from .suites import run_study, suite
 
-    regimes = suite(args.suite, **_spec_overrides(args))  # validates every field before compiling
+    # Everything is checked before anything is compiled or written: every spec field of every regime,
+    # the run options, then the output folder.
+    regimes = suite(args.suite, **_spec_overrides(args))
+    check_run_options(args.problems, args.seed, args.chunk_size)
+    if args.out is not None and not args.out.strip():
+        raise SpecError("out='' is not a folder name")
     out = Path(args.out) if args.out else Path("runs") / f"{args.suite}-seed{args.seed}"
+    study = {"suite": args.suite, "regimes": [name for name, _ in regimes], "problems": args.problems,
+             "seed": args.seed}
+    check_study_folder(out, study, regimes, args.problems, args.seed, args.chunk_size, args.overwrite)
+
     info = machine_info()
     print(f"rlhf-bounds run: suite {args.suite}, {len(regimes)} regime(s) × {args.problems} problems, "
-          f"seed {args.seed}, on {info['backend']} ({len(info['devices'])} device(s), {info['cpu']})")
+          f"seed {args.seed}, on {info['backend']} ({len(info['devices'])} device(s), {info['cpu']})", flush=True)
     t0 = time.perf_counter()
     results = run_study(regimes, args.problems, seed=args.seed, out=out, chunk_size=args.chunk_size,
                         progress=not args.no_progress, overwrite=args.overwrite, suite_name=args.suite)
@@ -117,12 +177,36 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--shift -1e-3`` → ``--shift=-1e-3``: argparse takes "-1e-3" or "-inf" for an option, not a value."""
+    out = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if (tok.startswith("--") and "=" not in tok and i + 1 < len(argv) and argv[i + 1].startswith("-")
+                and _is_float(argv[i + 1])):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(tok)
+            i += 1
+    return out
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from .engine import RunError
     from .results import LoadError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -130,12 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, RunError, LoadError) as err:
         sys.stderr.write(f"rlhf-bounds: error: {err}\n")
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (rlhf-bounds report ... | head): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
     except OSError as err:
-        sys.stderr.write(f"rlhf-bounds: error: {err.filename or ''}: {err.strerror or err}\n")
+        where = f"{err.filename}: " if err.filename else ""
+        sys.stderr.write(f"rlhf-bounds: error: {where}{err.strerror or err}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("\nrlhf-bounds: interrupted; finished chunks are saved, run the same command to resume\n")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

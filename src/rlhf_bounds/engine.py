@@ -9,13 +9,16 @@ results do not depend on the chunk size or the number of devices.
 
 Each finished chunk is written at once, atomically (write to a temporary file,
 then rename), so an interrupted run loses no finished work: running the same
-call again resumes and skips finished chunks. A folder written by a different
-run (another spec, seed, problem count or chunk size) is refused rather than
-mixed in.
+call again resumes and skips finished chunks (the progress line says how many).
+A temporary file left by a killed run is removed, and a chunk file that cannot
+be read back, or holds other problems, is recomputed. A folder written by a
+different run (another spec, seed, problem count or chunk size) is refused
+rather than mixed in, with a message naming what differs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -35,7 +38,8 @@ from .results import Results, chunk_files, read_record, write_json_atomic
 from .simulate import simulate
 from .spec import Spec, SpecError
 
-__all__ = ["run", "RunError", "problem_keys", "chunk_kernel", "default_chunk_size", "machine_info"]
+__all__ = ["run", "RunError", "problem_keys", "chunk_kernel", "default_chunk_size", "machine_info",
+           "check_run_options", "run_identity", "check_folder"]
 
 RECORD = "record.json"
 CHUNKS = "chunks"
@@ -60,6 +64,19 @@ def _chunk(spec: Spec, problems_key: jax.Array, shared_key: jax.Array, idx: jax.
 
 chunk_kernel = jax.jit(_chunk)
 chunk_kernel.__doc__ = "jit(vmap(simulate)) over the problem indices ``idx`` of one chunk."
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(spec: Spec, problems_key, shared_key, gidx):
+    """The compiled chunk kernel for this static spec and chunk layout (cached: regimes of a study
+    that differ only in traced fields share one compilation)."""
+    static = tuple(getattr(spec, name) for name in Spec.static_names())
+    cache_key = (static, gidx.shape, gidx.sharding)
+    if cache_key not in _COMPILED:
+        _COMPILED[cache_key] = chunk_kernel.lower(spec, problems_key, shared_key, gidx).compile()
+    return _COMPILED[cache_key]
 
 
 def default_chunk_size(spec: Spec) -> int:
@@ -103,6 +120,14 @@ class _Progress:
         self.last_decile = -1
         self.resumed = 0
 
+    def announce_resume(self, resumed: int, folder: Path) -> None:
+        """Say that ``resumed`` finished chunks were found in ``folder`` and will be skipped."""
+        self.resumed = resumed
+        if self.enabled and resumed:
+            sys.stderr.write(f"{self.label}: resuming from {folder}: {resumed} of {self.total} chunks already "
+                             f"finished, skipping them\n")
+            sys.stderr.flush()
+
     def restart_clock(self) -> None:
         """Start timing after compilation, so the rate and eta describe the compiled kernel."""
         self.start = time.perf_counter()
@@ -127,17 +152,56 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+def _read_record(out: Path) -> dict[str, Any] | None:
+    if not (out / RECORD).exists():
+        return None
+    try:
+        record = read_record(out)
+    except (OSError, ValueError) as err:
+        raise RunError(f"out={out} holds an unreadable {RECORD} ({err}); use another output folder or "
+                       "--overwrite") from None
+    if not isinstance(record, dict):
+        raise RunError(f"out={out} holds a {RECORD} that is not a run record; use another output folder or "
+                       "--overwrite")
+    return record
+
+
+def _identity_mismatch(record: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """A description of the first identity field in which ``record`` differs from ``identity``, or None."""
+    for field in IDENTITY:
+        there, here = record.get(field), identity[field]
+        if there == here:
+            continue
+        if field == "spec" and isinstance(there, dict):
+            keys = list(here) + [k for k in there if k not in here]
+            show = lambda d, k: repr(d[k]) if k in d else "absent"
+            diffs = [f"{k}={show(there, k)} there, {show(here, k)} now" for k in keys
+                     if (k in there) != (k in here) or there.get(k) != here.get(k)]
+            return f"a different spec ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''})"
+        return f"a different {field} ({there!r} there, {here!r} now)"
+    return None
+
+
+def check_folder(out: str | os.PathLike, identity: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse ``out`` if it is a file or holds a different run (:class:`RunError`); writes nothing.
+
+    ``identity`` is :func:`run_identity`'s first value. With ``overwrite`` a
+    different run is not refused (it will be discarded).
+    """
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunError(f"out={out} is a file, not a folder")
-    record = read_record(out) if (out / RECORD).exists() else None
-    if record is not None and not overwrite:
-        for field in IDENTITY:
-            if record.get(field) != identity[field]:
-                raise RunError(
-                    f"out={out} holds a run with a different {field} "
-                    f"({_short(record.get(field))} vs {_short(identity[field])}); "
-                    "use another output folder or --overwrite")
+    if overwrite:
+        return
+    record = _read_record(out)
+    if record is not None:
+        why = _identity_mismatch(record, identity)
+        if why:
+            raise RunError(f"out={out} holds a run with {why}; use another output folder or --overwrite")
+
+
+def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
+    check_folder(out, identity, overwrite)
     if overwrite and out.exists():
         shutil.rmtree(out)
     try:
@@ -147,12 +211,29 @@ def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> Non
         probe.unlink()
     except OSError as err:
         raise RunError(f"out={out} is not writable: {err.strerror or err}") from None
+    # A run killed while writing a chunk leaves its temporary file behind: it is never read, remove it.
+    for tmp in (out / CHUNKS).glob("*.tmp.npz"):
+        tmp.unlink(missing_ok=True)
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, dict):
-        return "a different spec"
-    return repr(value)
+def _check_same_columns(saved: Path, result: dict[str, np.ndarray], folder: Path) -> None:
+    """Refuse to resume into chunks with other columns (written by another version of the simulator)."""
+    with np.load(saved) as z:
+        there = set(z.files)
+    if there != set(result):
+        diff = sorted(there ^ set(result))
+        raise RunError(f"out={folder} holds chunks written by another version of the simulator (columns differ: "
+                       f"{', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''}); use another output folder or "
+                       "--overwrite")
+
+
+def _chunk_intact(path: Path, lo: int, count: int) -> bool:
+    """Whether a saved chunk file reads back and holds exactly problems lo .. lo + count − 1."""
+    try:
+        with np.load(path) as z:
+            return np.array_equal(z["problem"], np.arange(lo, lo + count))
+    except Exception:  # any damage (truncated zip, missing column) means: recompute it
+        return False
 
 
 def _global_indices(idx: np.ndarray, sharding: NamedSharding) -> jax.Array:
@@ -177,19 +258,14 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
     problems are simulated per compiled call (rounded up to a multiple of the
     device count); the results do not depend on it.
     """
-    spec = spec.validate()
-    problems = _positive_int("problems", problems)
-    seed = _nonnegative_int("seed", seed)
-    chunk = _positive_int("chunk_size", chunk_size if chunk_size is not None else default_chunk_size(spec))
-    n_dev = jax.device_count()
-    chunk = -(-chunk // n_dev) * n_dev
+    identity, spec = run_identity(spec, problems, seed, chunk_size)
+    problems, seed, chunk = identity["problems"], identity["seed"], identity["chunk_size"]
     n_chunks = -(-problems // chunk)
-    identity = {"spec": spec.to_dict(), "seed": seed, "problems": problems, "chunk_size": chunk}
     folder = Path(out) if out is not None else None
     is_writer = jax.process_index() == 0
     if folder is not None and is_writer:
         _prepare_folder(folder, identity, overwrite)
-        record = read_record(folder) if (folder / RECORD).exists() else None
+        record = _read_record(folder)
         if record is None:
             record = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
             write_json_atomic(folder / RECORD, record)
@@ -203,7 +279,7 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
     done: dict[int, dict[str, np.ndarray]] = {}
     if folder is not None:
         for c, path in chunk_files(folder).items():
-            if c < n_chunks:
+            if c < n_chunks and _chunk_intact(path, c * chunk, min(chunk, problems - c * chunk)):
                 done[c] = None  # loaded lazily by Results
     todo = [c for c in range(n_chunks) if c not in done]
 
@@ -211,7 +287,8 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
     compiled, compile_s = None, 0.0
     chunk_seconds = []
     problems_done = 0
-    bar.resumed = len(done)
+    bar.announce_resume(len(done), folder)
+    resumed_from = chunk_files(folder)[min(done)] if done and todo else None
     bar.update(len(done), 0)
     for c in todo:
         lo = c * chunk
@@ -221,7 +298,7 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
         gidx = _global_indices(idx, sharding)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = chunk_kernel.lower(spec, problems_key, shared_key, gidx).compile()
+            compiled = _compiled(spec, problems_key, shared_key, gidx)
             compile_s = time.perf_counter() - t0
             bar.restart_clock()
         t0 = time.perf_counter()
@@ -229,6 +306,9 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
         chunk_seconds.append(time.perf_counter() - t0)
         result = {k: v[:count] for k, v in result.items()}
         result["problem"] = np.arange(lo, lo + count, dtype=np.int64)
+        if resumed_from is not None:  # once: the saved chunks must hold what this code computes
+            _check_same_columns(resumed_from, result, folder)
+            resumed_from = None
         if folder is not None and is_writer:
             _write_chunk(folder, c, result)
             done[c] = None
@@ -237,9 +317,11 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
         problems_done += count
         bar.update(len(done), problems_done)
 
-    timings = {"compile_s": compile_s, "chunk_s": chunk_seconds,
-               "problems_per_s": (problems_done / sum(chunk_seconds)) if chunk_seconds else None}
-    record.update(status="complete", timings=timings)
+    if todo or not record.get("timings"):  # a rerun of a finished run keeps the timings of the run that did it
+        timings = {"compile_s": compile_s, "chunk_s": chunk_seconds,
+                   "problems_per_s": (problems_done / sum(chunk_seconds)) if chunk_seconds else None}
+        record.update(timings=timings)
+    record.update(status="complete", resumed_chunks=n_chunks - len(todo))
     if folder is not None and is_writer:
         write_json_atomic(folder / RECORD, record)
         return Results.from_folder(folder)
@@ -254,6 +336,29 @@ def _write_chunk(folder: Path, c: int, result: dict[str, np.ndarray]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
+
+
+def check_run_options(problems: Any, seed: Any, chunk_size: Any = None) -> tuple[int, int, int | None]:
+    """Check a run's options (:class:`SpecError` naming the option, the value and the range)."""
+    return (_positive_int("problems", problems), _nonnegative_int("seed", seed),
+            None if chunk_size is None else _positive_int("chunk_size", chunk_size))
+
+
+def run_identity(spec: Spec, problems: int, seed: int = 0,
+                 chunk_size: int | None = None) -> tuple[dict[str, Any], Spec]:
+    """(identity, normalised spec) of a run: what a run folder's record must match to be resumed.
+
+    Validates the spec and options; the chunk size is the one actually used
+    (default :func:`default_chunk_size`, rounded up to a multiple of the device count).
+    """
+    spec = spec.validate()
+    # Traced fields as Python floats, so that beta=1 and beta=1.0 share one compiled kernel.
+    spec = dataclasses.replace(spec, **{name: float(getattr(spec, name)) for name in Spec.traced_names()})
+    problems, seed, chunk_size = check_run_options(problems, seed, chunk_size)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(spec)
+    n_dev = jax.device_count()
+    chunk = -(-chunk // n_dev) * n_dev
+    return {"spec": spec.to_dict(), "seed": seed, "problems": problems, "chunk_size": chunk}, spec
 
 
 def _positive_int(name: str, value: Any) -> int:

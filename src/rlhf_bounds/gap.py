@@ -39,6 +39,7 @@ class PromptStats(NamedTuple):
     l2_train: jax.Array     # Σ_a μ (r̂ − r*)²
     abs_log_ratio: jax.Array  # |ℓ_w(x, a)|, ``[m, A]``
     prob: jax.Array           # π_w(a|x), ``[m, A]``
+    log1p_chi2: jax.Array     # log(1 + χ²) = logsumexp_a(2 log π_w − log μ): finite where χ² overflows
 
 
 def _one_prompt(w, w_ref, phi, r_hat, r_star, log_mu, beta, tau):
@@ -60,6 +61,7 @@ def _one_prompt(w, w_ref, phi, r_hat, r_star, log_mu, beta, tau):
         l2_train=jnp.sum(jnp.exp(log_mu) * diff * diff),
         abs_log_ratio=abs_ell,
         prob=p,
+        log1p_chi2=jax.nn.logsumexp(2.0 * lp - log_mu),
     )
 
 
@@ -99,6 +101,8 @@ def population(stats: PromptStats) -> dict[str, jax.Array]:
         "tail_excess": mean(stats.tail_excess),
         "kl": mean(stats.kl),
         "chi2": mean(stats.chi2),
+        # log(1 + χ²(D_w‖D_train)) = log mean_x (1 + χ²_x), in log space (χ² overflows when μ ≈ 0).
+        "log1p_chi2": jax.nn.logsumexp(stats.log1p_chi2) - jnp.log(jnp.asarray(m, stats.log1p_chi2.dtype)),
         "l2_train": mean(stats.l2_train),
     }
     q = weighted_quantiles(stats.abs_log_ratio, stats.prob, QUANTILE_LEVELS)

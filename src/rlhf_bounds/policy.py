@@ -112,9 +112,11 @@ def inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
     Y = min{a : Σ_{a'≤a} p(a') > u}, responses ordered by index. Returns int32 ``[K]``.
     """
     cdf = jnp.cumsum(p)
-    # Count the CDF values ≤ u; the clamp guards against cdf[-1] < 1 by round-off.
+    # Count the CDF values ≤ u. When cdf[-1] < 1 by round-off, a u above it is sent
+    # to the last response with positive mass (never to one with π = 0).
     idx = jnp.sum(cdf[None, :] <= u[:, None], axis=-1)
-    return jnp.minimum(idx, p.shape[0] - 1).astype(jnp.int32)
+    last = p.shape[0] - 1 - jnp.argmax(p[::-1] > 0)
+    return jnp.minimum(idx, last).astype(jnp.int32)
 
 
 def sample_actions(w: jax.Array, phi: jax.Array, u: jax.Array) -> jax.Array:

@@ -18,7 +18,8 @@ import numpy as np
 
 from .spec import Spec
 
-__all__ = ["Results", "StudyResults", "load", "read_record", "write_json_atomic", "chunk_files", "LoadError"]
+__all__ = ["Results", "StudyResults", "load", "read_record", "read_json", "write_json_atomic", "chunk_files",
+           "LoadError"]
 
 _CHUNK = re.compile(r"chunk-(\d{6})\.npz$")
 
@@ -48,8 +49,23 @@ def _json_default(x):
 
 
 def read_record(folder: Path) -> dict[str, Any]:
+    """The run record ``folder/record.json`` (OSError if missing, ValueError if not valid JSON)."""
     with open(Path(folder) / "record.json") as fh:
         return json.load(fh)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or :class:`LoadError` saying why it cannot be read."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as err:
+        raise LoadError(f"{path}: cannot read the {what}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise LoadError(f"{path}: the {what} is damaged (not valid JSON: {err})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{path}: the {what} is damaged (not a JSON object)")
+    return data
 
 
 def chunk_files(folder: Path) -> dict[int, Path]:
@@ -93,14 +109,22 @@ class Results:
         folder = Path(folder)
         if not (folder / "record.json").exists():
             raise LoadError(f"{folder} holds no record.json: not a run folder")
-        record = read_record(folder)
+        record = read_json(folder / "record.json", "run record")
+        if not isinstance(record.get("spec"), dict):
+            raise LoadError(f"{folder / 'record.json'}: the run record is damaged (it holds no spec)")
         files = chunk_files(folder)
         if not files:
-            raise LoadError(f"{folder} holds no finished chunks")
+            raise LoadError(f"{folder} holds no finished chunks: no saved results there")
         chunks = []
         for _, path in sorted(files.items()):
-            with np.load(path) as z:
-                chunks.append({k: z[k] for k in z.files})
+            try:
+                with np.load(path) as z:
+                    chunks.append({k: z[k] for k in z.files})
+            except Exception as err:  # a damaged file: say which, whatever numpy raised
+                raise LoadError(f"{path}: damaged chunk file ({type(err).__name__}: {err}); rerun the same "
+                                "command to recompute it") from None
+        if any(c.keys() != chunks[0].keys() for c in chunks):
+            raise LoadError(f"{folder}: chunk files hold different columns (written by different versions?)")
         return cls.from_chunks(chunks, record, folder)
 
     # ---- access -------------------------------------------------------------------------
@@ -165,14 +189,23 @@ class StudyResults:
 def load(path: str | os.PathLike) -> Results | StudyResults:
     """Load saved results: a run folder gives :class:`Results`, a study folder :class:`StudyResults`."""
     folder = Path(path)
+    if not folder.exists():
+        raise LoadError(f"{folder} does not exist: no saved results there")
+    if not folder.is_dir():
+        raise LoadError(f"{folder} is a file, not a results folder")
     if (folder / "study.json").exists():
-        with open(folder / "study.json") as fh:
-            record = json.load(fh)
+        record = read_json(folder / "study.json", "study record")
+        names = record.get("regimes")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise LoadError(f"{folder / 'study.json'}: the study record is damaged (no list of regimes)")
         regimes = {}
-        for name in record["regimes"]:
+        for name in names:  # an interrupted study: the regimes that have finished chunks
             sub = folder / name
             if (sub / "record.json").exists() and chunk_files(sub):
                 regimes[name] = Results.from_folder(sub)
+        if not regimes:
+            raise LoadError(f"{folder} is a study folder whose regimes hold no finished chunks: "
+                            "no saved results there")
         return StudyResults(regimes, record, folder)
     if (folder / "record.json").exists():
         return Results.from_folder(folder)

@@ -101,8 +101,9 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
         traj_w=fit_w.traj_w,
         traj_grad_norm=fit_w.traj_grad_norm,
     )
-    out["status"] = status_code(spec, out)
     problem = Problem(w, world.w_ref, data, evalset, stats, pop, theta_hat, pref_u, pref_z, out["reward_range"],
                       out["log_ratio_range"], k_post)
     out.update(bound_columns(spec, problem))
+    # Last, over every column: nothing non-finite leaves a problem without a flag.
+    out["status"] = status_code(spec, out)
     return out

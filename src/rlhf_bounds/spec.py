@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import jax
+import numpy as np
 
 __all__ = ["Spec", "SpecError", "FIELDS", "FEATURE_LAWS", "LEARNERS", "ESTIMATORS"]
 
@@ -29,6 +31,11 @@ ESTIMATORS = ("exact", "rloo", "none")
 SCHEDULES = ("constant", "inv_sqrt")
 REWARD_MODELS = ("oracle", "mle")
 TRAIN_LOG_RATIOS = ("clipped", "exact")
+
+
+#: float32's smallest normal and largest finite numbers: traced fields must be representable in float32.
+F32_TINY = float(np.finfo(np.float32).tiny)
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 class SpecError(ValueError):
@@ -67,6 +74,8 @@ class Spec:
                            cli="--record-every")
     newton_steps: int = _f(8, "Newton steps of the Bradley-Terry reward-model fit", static=True, lo=1,
                            cli="--newton-steps")
+    posterior_draws: int = _f(32, "Monte Carlo draws from B2's Gaussian posterior", static=True, lo=1,
+                              cli="--posterior-draws", symbol="M_Q")
     rank: int = _f(2, "subspace dimension k of the lowrank feature law (k ≤ d)", static=True, lo=1, cli="--rank",
                    symbol="k")
     # ---- static: choices ----------------------------------------------------------------
@@ -105,6 +114,12 @@ class Spec:
     # ---- traced: bounds -----------------------------------------------------------------
     delta: float = _f(0.05, "failure probability δ of the bounds", lo=0.0, hi=1.0, lo_open=True, hi_open=True,
                       cli="--delta", symbol="δ")
+    occam_radius: float = _f(4.0, "half-width R_w of the box [−R_w, R_w]^d of B2's finite (Occam) grid", lo=0.0,
+                             lo_open=True, cli="--occam-radius", symbol="R_w")
+    occam_spacing: float = _f(0.05, "spacing ε of B2's finite (Occam) grid", lo=0.0, lo_open=True,
+                              cli="--occam-spacing", symbol="ε_grid")
+    posterior_floor: float = _f(0.05, "s in B2's Gaussian posterior N(w_S, Σ_OU + s²I)", lo=0.0, lo_open=True,
+                                cli="--posterior-floor")
 
     # -------------------------------------------------------------------------------------
     @classmethod
@@ -138,11 +153,12 @@ class Spec:
         for f in fields(self):
             _check_field(f, getattr(self, f.name))
         if self.steps % self.record_every:
-            raise SpecError(f"record_every={self.record_every} must divide steps={self.steps}")
+            raise SpecError(f"record_every={self.record_every} out of range: must divide steps={self.steps}")
         if self.feature_law == "lowrank" and self.rank > self.d:
             raise SpecError(f"rank={self.rank} out of range: the lowrank law needs 1 ≤ rank ≤ d={self.d}")
         if self.estimator == "rloo" and self.learner != "GA" and self.rollouts < 2:
-            raise SpecError(f"rollouts={self.rollouts} out of range: the rloo estimator needs rollouts ≥ 2")
+            raise SpecError(f"rollouts={self.rollouts} out of range: the rloo estimator (learner {self.learner}) "
+                            "needs rollouts ≥ 2")
         return self
 
     def describe(self) -> str:
@@ -166,27 +182,59 @@ def _range_text(m) -> str:
 
 
 def _check_field(f, value) -> None:
+    """Raise :class:`SpecError` unless ``value`` lies in field ``f``'s range (see :meth:`Spec.validate`).
+
+    Choice fields take one of their strings; int fields an integer (not bool,
+    not a float such as 2.0, since it becomes an array shape); float fields a
+    real number (int, float, NumPy scalar or 0-d array), not bool, not NaN,
+    and infinite only where the range says so (τ = ∞). A traced field may also
+    hold an array (a stacked population of specs): every element is checked.
+    """
     m = f.metadata
     name = f.name
     if m["choices"] is not None:
-        if value not in m["choices"]:
+        if not isinstance(value, str) or value not in m["choices"]:
             raise SpecError(f"{name}={value!r} is not allowed: must be {_range_text(m)}")
         return
     is_int = f.type in ("int", int)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SpecError(f"{name}={value!r} is not a number: must be in {_range_text(m)}")
-    if is_int and (not float(value).is_integer() or not math.isfinite(value)):
-        raise SpecError(f"{name}={value!r} must be a whole number in {_range_text(m)}")
-    v = float(value)
+    if not is_int and not m["static"] and isinstance(value, jax.core.Tracer):
+        return  # a traced value inside a transformation: checked where it was concrete
+    if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, jax.core.Tracer):
+        arr = np.asarray(value)
+        if arr.ndim and not is_int and not m["static"] and arr.dtype.kind in "iuf":
+            for v in arr.reshape(-1):
+                _check_field(f, v.item())
+            return
+        if arr.ndim == 0 and arr.dtype.kind in ("iu" if is_int else "iuf"):
+            value = arr.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SpecError(f"{name}={value!r} is not a number: must be {'a whole number ' if is_int else ''}"
+                        f"in {_range_text(m)}")
+    if is_int and not isinstance(value, numbers.Integral):
+        raise SpecError(f"{name}={value!r} is not a whole number (an int): must be a whole number in "
+                        f"{_range_text(m)}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf if value > 0 else -math.inf
+    shown = str(int(value)) if isinstance(value, numbers.Integral) and math.isfinite(v) else repr(v)
     if math.isnan(v):
         raise SpecError(f"{name}=nan is not allowed: must be in {_range_text(m)}")
     if math.isinf(v) and not (m["allow_inf"] and v > 0):
-        raise SpecError(f"{name}={value} out of range: must be finite, in {_range_text(m)}")
+        raise SpecError(f"{name}={shown} out of range: must be finite, in {_range_text(m)}")
     lo, hi = m["lo"], m["hi"]
     bad = (lo is not None and (v < lo or (m["lo_open"] and v == lo))) or \
           (hi is not None and (v > hi or (m["hi_open"] and v == hi)))
     if bad:
-        raise SpecError(f"{name}={value:g} out of range: must be in {_range_text(m)}")
+        raise SpecError(f"{name}={shown} out of range: must be in {_range_text(m)}")
+    if not m["static"] and math.isfinite(v) and v != 0.0:
+        # Traced fields enter the simulation as float32: a value it would round to 0 or ±inf is refused.
+        if abs(v) < F32_TINY:
+            raise SpecError(f"{name}={shown} out of range: a nonzero value must be at least {F32_TINY:.3g} in size "
+                            "(the simulation runs in float32, where it would be 0)")
+        if abs(v) > F32_MAX:
+            raise SpecError(f"{name}={shown} out of range: must be at most {F32_MAX:.3g} in size "
+                            "(the simulation runs in float32, where it would be infinite)")
 
 
 FIELDS = {f.name: f for f in fields(Spec)}
