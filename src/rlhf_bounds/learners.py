@@ -14,6 +14,14 @@ All three learners are one optax loop over a shared step function:
   prompt's K rollouts Y_ik(w) = F^{-1}_{π_w(·|x_i)}(U_ik) with a leave-one-out
   baseline (``rloo``) or none.
 
+GA always uses the exact gradient; SGA and SGD use the spec's estimator
+(``estimator='exact'`` gives [A]'s SGA). The score-function estimators fold
+the penalty into the reward, so their expectation is Cov_{π_w}(φ, r̂ − βℓ^τ):
+the exact gradient of F_S when τ = ∞, but not of the clipped surrogate, whose
+gradient has the extra term −β Σ_a π_w 1{|ℓ| < τ}(φ_a − E_{π_w}φ). With finite
+τ, SGD on rollouts and GA therefore head for different fixed points, as in
+practical RLHF, where the clipped log-ratio is part of the reward signal.
+
 The loop is a ``lax.scan`` over checkpoints (every ``record_every`` steps) of a
 ``lax.scan`` over steps; at each checkpoint it records w and ‖∇F_S(w)‖ (exact,
 full batch). The best-gradient iterate ([A] Def. 6) is the checkpoint with the

@@ -1,0 +1,190 @@
+"""engine.py: determinism across chunk sizes and devices, saving, loading and resuming.
+
+Problem i's key is fold_in(problems_key, i), so its random draws are the same
+whatever the chunking or sharding; the arithmetic may be vectorised
+differently for another batch shape, so derived float32 values are compared
+at 1e-5 relative with a 1e-6 absolute floor (float32 eps 6e-8 times O(1)
+rewards and objectives over a few operations; columns such as
+gap_sampling_rollout are differences of O(1) numbers and can be ~0).
+
+The multi-device check runs a subprocess with 4 forced host devices; it is
+started when this module's first test starts and collected at the end, so its
+compilation overlaps the other tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import rlhf_bounds as rb
+from rlhf_bounds.engine import RunError
+from conftest import tiny_spec
+
+SPEC = tiny_spec()  # Bradley-Terry reward model, SGD with RLOO: every random stream of simulate is used
+PROBLEMS, SEED = 20, 3
+#: Outputs that are pure random draws (no batch-dependent arithmetic besides a norm): equal bit for bit.
+EXACT = ("problem", "theta_star")
+RTOL, ATOL = 1e-5, 1e-6
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    import rlhf_bounds as rb
+    spec = rb.Spec.from_dict(json.loads(sys.argv[1]))
+    res = rb.run(spec, problems=int(sys.argv[2]), seed=int(sys.argv[3]), chunk_size=8, out=sys.argv[4],
+                 progress=False)
+    print(json.dumps({"device_count": jax.device_count(), "devices": [str(d) for d in jax.devices()],
+                      "problems": len(res)}))
+""")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def multi_device_run(request, tmp_path_factory):
+    """Start the 4-device subprocess now (if its test is selected); the multi-device test waits for it."""
+    if not any(item.originalname == "test_multi_device_matches_single_device" for item in request.session.items):
+        yield None
+        return
+    out = tmp_path_factory.mktemp("multi") / "run"
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.Popen([sys.executable, "-c", MULTI_DEVICE_SCRIPT, json.dumps(SPEC.to_dict()), str(PROBLEMS),
+                             str(SEED), str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    yield proc, out
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
+_runs: dict[int, rb.Results] = {}
+
+
+def run_chunked(chunk_size: int) -> rb.Results:
+    """The reference run (SPEC, PROBLEMS, SEED) with a given chunk size, in memory (cached per module)."""
+    if chunk_size not in _runs:
+        _runs[chunk_size] = rb.run(SPEC, PROBLEMS, seed=SEED, chunk_size=chunk_size, progress=False)
+    return _runs[chunk_size]
+
+
+def assert_same_results(a: rb.Results, b: rb.Results, *, exact: bool, rows=slice(None)):
+    assert set(a.columns) == set(b.columns)
+    assert set(a.arrays) == set(b.arrays)
+    for name in list(a.columns) + list(a.arrays):
+        x, y = a[name][rows], b[name]
+        assert x.shape == y.shape, name
+        if exact or name in EXACT or not np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        else:
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            np.testing.assert_array_equal(np.isfinite(x64), np.isfinite(y64), err_msg=name)
+            f = np.isfinite(x64)
+            np.testing.assert_allclose(x64[f], y64[f], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_results_shape_and_order():
+    res = run_chunked(8)
+    assert len(res) == PROBLEMS
+    np.testing.assert_array_equal(res["problem"], np.arange(PROBLEMS))
+    assert res["theta_star"].shape == (PROBLEMS, SPEC.d)
+    assert res["traj_w"].shape == (PROBLEMS, SPEC.steps // SPEC.record_every, SPEC.d)
+    assert np.all(res.ok)
+    assert res.spec == SPEC and res.complete
+    # Problems are distinct draws (padding lanes of the last chunk were dropped, not kept).
+    assert len(np.unique(res["theta_star"][:, 0])) == PROBLEMS
+
+
+@pytest.mark.slow  # one compilation of the whole kernel per chunk size (~10-30 s each on 2 cores)
+@pytest.mark.parametrize("chunk_size", [5, 16])
+def test_results_do_not_depend_on_chunk_size(chunk_size):
+    """5 (4 full chunks), 8 (last chunk padded) and 16 (padded): same draws, same values to float32 round-off."""
+    assert_same_results(run_chunked(chunk_size), run_chunked(8), exact=False)
+
+
+def test_same_run_twice_is_bit_identical():
+    first = run_chunked(8)
+    again = rb.run(SPEC, PROBLEMS, seed=SEED, chunk_size=8, progress=False)
+    assert_same_results(again, first, exact=True)
+
+
+def test_another_seed_gives_other_problems():
+    other = rb.run(SPEC, 8, seed=SEED + 1, chunk_size=8, progress=False)
+    assert not np.array_equal(other["theta_star"], run_chunked(8)["theta_star"][:8])
+
+
+def test_problem_results_do_not_depend_on_problem_count():
+    """Problem i is problem i in a run of 8 and in a run of 20 (same seed, same compiled chunk)."""
+    short = rb.run(SPEC, 8, seed=SEED, chunk_size=8, progress=False)
+    assert_same_results(run_chunked(8), short, exact=True, rows=slice(0, 8))
+
+
+def test_save_load_and_resume(tmp_path):
+    out = tmp_path / "run"
+    saved = rb.run(SPEC, PROBLEMS, seed=SEED, chunk_size=8, out=out, progress=False)
+    assert_same_results(saved, run_chunked(8), exact=True)
+    loaded = rb.load(out)
+    assert isinstance(loaded, rb.Results)
+    assert_same_results(loaded, run_chunked(8), exact=True)
+    assert loaded.spec == SPEC and loaded.complete
+    assert loaded.record["seed"] == SEED and loaded.record["problems"] == PROBLEMS
+    assert loaded.record["chunk_size"] == 8
+
+    chunks = sorted((out / "chunks").glob("chunk-*.npz"))
+    assert [p.name for p in chunks] == ["chunk-000000.npz", "chunk-000001.npz", "chunk-000002.npz"]
+    before = {p.name: p.stat().st_mtime_ns for p in chunks}
+    chunks[1].unlink()
+    # An interrupted run's folder is incomplete: loading it gives the finished problems only.
+    partial = rb.load(out)
+    np.testing.assert_array_equal(partial["problem"], np.r_[0:8, 16:20])
+
+    resumed = rb.run(SPEC, PROBLEMS, seed=SEED, chunk_size=8, out=out, progress=False)
+    assert_same_results(resumed, run_chunked(8), exact=True)
+    assert_same_results(rb.load(out), run_chunked(8), exact=True)
+    assert len(resumed.record["timings"]["chunk_s"]) == 1, "only the missing chunk was simulated"
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.npz")}
+    assert after["chunk-000000.npz"] == before["chunk-000000.npz"]
+    assert after["chunk-000002.npz"] == before["chunk-000002.npz"]
+
+    # A finished folder: rerunning the same call rewrites no chunk and returns the same results.
+    again = rb.run(SPEC, PROBLEMS, seed=SEED, chunk_size=8, out=out, progress=False)
+    assert_same_results(again, run_chunked(8), exact=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "chunks").glob("chunk-*.npz")} == after
+    # A folder that belongs to another run is refused, not mixed in.
+    with pytest.raises(RunError, match="seed"):
+        rb.run(SPEC, PROBLEMS, seed=SEED + 1, chunk_size=8, out=out, progress=False)
+
+
+def test_study_saves_and_loads(tmp_path):
+    regimes = [("base", SPEC), ("clipped", SPEC.replace(tau=0.5))]  # traced change only: one compilation
+    study = rb.run_study(regimes, problems=8, seed=SEED, out=tmp_path / "study", chunk_size=8, progress=False)
+    loaded = rb.load(tmp_path / "study")
+    assert isinstance(loaded, rb.StudyResults)
+    assert list(loaded) == ["base", "clipped"] and len(loaded) == 2
+    for name, spec in regimes:
+        assert loaded[name].spec == spec
+        assert_same_results(loaded[name], study[name], exact=True)
+    # Regimes are paired: the base regime's problems are those of a plain run with the same seed.
+    assert_same_results(run_chunked(8), loaded["base"], exact=True, rows=slice(0, 8))
+    np.testing.assert_array_equal(loaded["clipped"]["theta_star"], loaded["base"]["theta_star"])
+
+
+@pytest.mark.slow  # a subprocess that imports JAX and compiles the kernel (overlapped with the tests above)
+def test_multi_device_matches_single_device(multi_device_run):
+    """4 forced host devices (problem axis sharded 2 per device) vs 1 device in this process."""
+    proc, out = multi_device_run
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    info = json.loads(stdout.strip().splitlines()[-1])
+    assert info["device_count"] == 4, info
+    assert info["problems"] == PROBLEMS
+    assert jax.device_count() == 1  # this process: the comparison really is across device counts
+    multi = rb.load(out)
+    assert multi.record["machine"]["devices"] == info["devices"]
+    assert_same_results(multi, run_chunked(8), exact=False)
