@@ -117,10 +117,11 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     out["b3_tau_star"] = bounds.optimal_clip_threshold(p.stats.abs_log_ratio, p.stats.prob / m, n, K, delta)
     out.update(_variances(spec, p))
 
-    # ---- B2 with the uniform prior on a finite grid (Occam) ------------------------------
-    out.update(_b2_occam(spec, p))
-    # ---- B2 with the Gaussian (OU) posterior ------------------------------------------------
-    out.update(_b2_gauss(spec, p))
+    if spec.bounds == "all":
+        # ---- B2 with the uniform prior on a finite grid (Occam) --------------------------
+        out.update(_b2_occam(spec, p))
+        # ---- B2 with the Gaussian (OU) posterior ---------------------------------------------
+        out.update(_b2_gauss(spec, p))
     return out
 
 

@@ -31,6 +31,7 @@ ESTIMATORS = ("exact", "rloo", "none")
 SCHEDULES = ("constant", "inv_sqrt")
 REWARD_MODELS = ("oracle", "mle")
 TRAIN_LOG_RATIOS = ("clipped", "exact")
+BOUND_SETS = ("all", "b1")
 
 
 #: float32's smallest normal and largest finite numbers: traced fields must be representable in float32.
@@ -92,6 +93,8 @@ class Spec:
                            static=True, choices=REWARD_MODELS, cli="--reward-model")
     train_log_ratio: str = _f("clipped", "log-ratio in the training reward: clipped at τ or exact", static=True,
                               choices=TRAIN_LOG_RATIOS, cli="--train-log-ratio")
+    bounds: str = _f("all", "bound columns: all, or b1 (B1, B1 certified by B7, B3 and B4 inputs; no PAC-Bayes "
+                     "posteriors: faster to compile and run)", static=True, choices=BOUND_SETS, cli="--bounds")
     # ---- traced: the world --------------------------------------------------------------
     beta: float = _f(0.5, "KL weight β", lo=0.0, lo_open=True, cli="--beta", symbol="β")
     tau: float = _f(math.inf, "clipping threshold τ on the log-ratio (inf: no clipping)", lo=0.0, allow_inf=True,
