@@ -47,6 +47,7 @@ __all__ = [
     "sampling_alpha",
     "clip_objective",
     "optimal_clip_threshold",
+    "tail_threshold",
     "rollout_sampling_objective",
     "rollouts_per_prompt",
     "integer_rollouts_per_prompt",
@@ -219,6 +220,53 @@ def sampling_alpha(n, K, delta) -> jax.Array:
     return jnp.sqrt(log_term / (2.0 * n)) + jnp.sqrt(log_term / (2.0 * n * K))
 
 
+def _ordered_keys(x: jax.Array) -> jax.Array:
+    """uint64 keys with the order of the float64 values ``x`` (the radix-sort map: set the sign
+    bit of non-negative floats, flip every bit of negative ones)."""
+    bits = lax.bitcast_convert_type(_f64(x), jnp.uint64)
+    sign = jnp.uint64(1) << jnp.uint64(63)
+    return jnp.where(bits & sign, ~bits, bits | sign)
+
+
+def tail_threshold(values, weights, mass) -> jax.Array:
+    """The smallest atom t of the discrete law Σ weights·δ_values with P(V > t) ≤ ``mass``.
+
+    Equivalently the lower (1 − mass)-quantile, inf{t : P(V ≤ t) ≥ 1 − mass}. ``values`` and
+    ``weights`` have any common shape (flattened; weights normalised to sum 1, zero weights
+    allowed), ``mass`` is a scalar or a vector of levels. Exact: a 64-step bisection over the
+    order-preserving integer keys of the float64 atoms, which needs no sort (a sort of 10⁴
+    atoms per problem dominated the engine's evaluation) and ends on an atom. Returns the
+    atom (one per entry of ``mass``); with mass ≥ 1 the smallest atom of positive weight.
+    """
+    v = jnp.ravel(_f64(values))
+    w = jnp.ravel(_f64(weights))
+    w = w / jnp.sum(w)
+    keys = _ordered_keys(v)
+    mass = _f64(mass)
+    shape = mass.shape
+    mass = jnp.ravel(mass)
+    positive = w > 0
+    big = jnp.asarray(jnp.iinfo(jnp.uint64).max, jnp.uint64)
+    lo0 = jnp.min(jnp.where(positive, keys, big)) - jnp.uint64(1)  # P(V > lo0) = 1
+    hi0 = jnp.max(jnp.where(positive, keys, jnp.uint64(0)))       # P(V > hi0) = 0
+
+    def tail(t):  # P(V > t) for every level's candidate t ``[L]``
+        return jnp.sum(jnp.where(keys[None, :] > t[:, None], w[None, :], 0.0), axis=-1)
+
+    def step(_, bracket):
+        lo, hi = bracket
+        mid = lo + (hi - lo) // jnp.uint64(2)
+        ok = tail(mid) <= mass
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    lo = jnp.full(mass.shape, lo0)
+    hi = jnp.full(mass.shape, hi0)
+    _, hi = lax.fori_loop(0, 64, step, (lo, hi))
+    # hi is the key of an atom: read its value back.
+    value = jnp.max(jnp.where(keys[None, :] <= hi[:, None], v[None, :], -jnp.inf), axis=-1)
+    return value.reshape(shape)
+
+
 def _discrete_law(values, weights):
     """Flatten a discrete law of |ℓ| and normalise its weights to sum 1."""
     v = jnp.abs(jnp.ravel(_f64(values)))
@@ -252,13 +300,7 @@ def optimal_clip_threshold(abs_log_ratio, weights, n, K, delta) -> jax.Array:
     """
     v, w = _discrete_law(abs_log_ratio, weights)
     two_alpha = 2.0 * sampling_alpha(n, K, delta)
-    order = jnp.argsort(v)
-    v_sorted, w_sorted = v[order], w[order]
-    # tail[j] = Σ_{k>j} w_(k); exact 0 at the last atom. At tied atoms only the last copy
-    # gets the exact P(|ℓ| > v); earlier copies overstate it, which never changes the min.
-    inclusive = jnp.cumsum(w_sorted[::-1])[::-1]
-    tail = jnp.concatenate([inclusive[1:], jnp.zeros((1,), _F64)])
-    tau = jnp.min(jnp.where(tail <= two_alpha, v_sorted, jnp.inf))
+    tau = tail_threshold(v, w, two_alpha)
     return jnp.where(two_alpha >= 1.0, 0.0, tau)
 
 

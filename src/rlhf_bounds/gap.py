@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import bounds
 from .policy import inverse_cdf, log_probs
 
 __all__ = ["QUANTILE_LEVELS", "PromptStats", "prompt_stats", "population", "sample_objective",
@@ -74,16 +75,11 @@ def prompt_stats(w, w_ref, phi, r_hat, r_star, log_mu, beta, tau) -> PromptStats
 def weighted_quantiles(values: jax.Array, weights: jax.Array, levels) -> jax.Array:
     """Quantiles of the discrete law Σ weights·δ_values: the smallest v with P(V ≤ v) ≥ level.
 
-    ``values`` and ``weights`` are flattened; weights are normalised to sum 1.
+    ``values`` and ``weights`` are flattened; weights are normalised to sum 1. Computed by
+    :func:`rlhf_bounds.bounds.tail_threshold` (exact, no sort), returned in ``values``' dtype.
     """
-    v = values.reshape(-1)
-    wt = weights.reshape(-1)
-    order = jnp.argsort(v)
-    v, wt = v[order], wt[order]
-    cdf = jnp.cumsum(wt) / jnp.sum(wt)
-    lv = jnp.asarray(levels, cdf.dtype)
-    idx = jnp.searchsorted(cdf, lv, side="left")
-    return v[jnp.minimum(idx, v.shape[0] - 1)]
+    levels = jnp.asarray(levels, jnp.float64)
+    return bounds.tail_threshold(values, weights, 1.0 - levels).astype(jnp.result_type(values))
 
 
 def population(stats: PromptStats) -> dict[str, jax.Array]:
