@@ -313,3 +313,13 @@ def test_stochastic_learners_increase_the_training_objective(learner, estimator)
     assert f_star > f0
     assert f_last > f0 + 0.5 * (f_star - f0), (f0, f_last, f_star)
     assert f_last <= f_star + 1e-6
+
+
+@pytest.mark.parametrize("A,d,scale,beta,tau", CASES, ids=CASE_IDS)
+def test_hand_gradient_matches_autodiff(rng, A, d, scale, beta, tau):
+    """The hand-written exact gradient against jax.grad of the per-prompt objective (float64)."""
+    w, w_ref, phi = random_prompt(rng, A, d, scale)
+    r = rng.normal(size=A)
+    args = [jnp.asarray(x, jnp.float64) for x in (w, w_ref, phi, r)]
+    auto = jax.grad(L.prompt_objective)(*args, beta, tau)
+    assert_close(L.exact_gradient(*args, beta, tau), auto, rtol=1e-10, atol=1e-12)

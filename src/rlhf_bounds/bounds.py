@@ -221,10 +221,14 @@ def sampling_alpha(n, K, delta) -> jax.Array:
 
 
 def _ordered_keys(x: jax.Array) -> jax.Array:
-    """uint64 keys with the order of the float64 values ``x`` (the radix-sort map: set the sign
-    bit of non-negative floats, flip every bit of negative ones)."""
-    bits = lax.bitcast_convert_type(_f64(x), jnp.uint64)
-    sign = jnp.uint64(1) << jnp.uint64(63)
+    """Unsigned integer keys with the order of the float values ``x`` (the radix-sort map: set
+    the sign bit of non-negative floats, flip every bit of negative ones). float32 values keep
+    32-bit keys (half the bisection steps); anything else is read as float64."""
+    if x.dtype != jnp.float32:
+        x = _f64(x)
+    utype = jnp.uint32 if x.dtype == jnp.float32 else jnp.uint64
+    bits = lax.bitcast_convert_type(x, utype)
+    sign = jnp.asarray(1, utype) << jnp.asarray(8 * x.dtype.itemsize - 1, utype)
     return jnp.where(bits & sign, ~bits, bits | sign)
 
 
@@ -233,37 +237,40 @@ def tail_threshold(values, weights, mass) -> jax.Array:
 
     Equivalently the lower (1 − mass)-quantile, inf{t : P(V ≤ t) ≥ 1 − mass}. ``values`` and
     ``weights`` have any common shape (flattened; weights normalised to sum 1, zero weights
-    allowed), ``mass`` is a scalar or a vector of levels. Exact: a 64-step bisection over the
-    order-preserving integer keys of the float64 atoms, which needs no sort (a sort of 10⁴
+    allowed), ``mass`` is a scalar or a vector of levels. Exact: a 32-step (float32 values) or
+    64-step (otherwise, as float64) bisection over the order-preserving integer keys of the atoms, which needs no sort (a sort of 10⁴
     atoms per problem dominated the engine's evaluation) and ends on an atom. Returns the
     atom (one per entry of ``mass``); with mass ≥ 1 the smallest atom of positive weight.
     """
-    v = jnp.ravel(_f64(values))
+    v = jnp.ravel(jnp.asarray(values))
     w = jnp.ravel(_f64(weights))
     w = w / jnp.sum(w)
     keys = _ordered_keys(v)
+    v = _f64(v)
+    utype = keys.dtype
     mass = _f64(mass)
     shape = mass.shape
     mass = jnp.ravel(mass)
     positive = w > 0
-    big = jnp.asarray(jnp.iinfo(jnp.uint64).max, jnp.uint64)
-    lo0 = jnp.min(jnp.where(positive, keys, big)) - jnp.uint64(1)  # P(V > lo0) = 1
-    hi0 = jnp.max(jnp.where(positive, keys, jnp.uint64(0)))       # P(V > hi0) = 0
+    big = jnp.asarray(jnp.iinfo(utype).max, utype)
+    lo0 = jnp.min(jnp.where(positive, keys, big)) - jnp.asarray(1, utype)  # P(V > lo0) = 1
+    hi0 = jnp.max(jnp.where(positive, keys, jnp.asarray(0, utype)))       # P(V > hi0) = 0
 
     def tail(t):  # P(V > t) for every level's candidate t ``[L]``
         return jnp.sum(jnp.where(keys[None, :] > t[:, None], w[None, :], 0.0), axis=-1)
 
     def step(_, bracket):
         lo, hi = bracket
-        mid = lo + (hi - lo) // jnp.uint64(2)
+        mid = lo + (hi - lo) // jnp.asarray(2, utype)
         ok = tail(mid) <= mass
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
     lo = jnp.full(mass.shape, lo0)
     hi = jnp.full(mass.shape, hi0)
-    _, hi = lax.fori_loop(0, 64, step, (lo, hi))
+    _, hi = lax.fori_loop(0, 8 * jnp.dtype(utype).itemsize, step, (lo, hi))
     # hi is the key of an atom: read its value back.
-    value = jnp.max(jnp.where(keys[None, :] <= hi[:, None], v[None, :], -jnp.inf), axis=-1)
+    # (a gather, not a max: arithmetic on the CPU flushes subnormal atoms to 0)
+    value = v[jnp.argmax(keys[None, :] == hi[:, None], axis=-1)]
     return value.reshape(shape)
 
 
@@ -298,9 +305,9 @@ def optimal_clip_threshold(abs_log_ratio, weights, n, K, delta) -> jax.Array:
     |ℓ_w(x_m, a)| with weight π_w(a|x_m)/M over an evaluation set. τ* is one of the atoms
     (or 0), is independent of β, and is non-decreasing in n, K and δ. Returns a scalar.
     """
-    v, w = _discrete_law(abs_log_ratio, weights)
+    v = jnp.abs(jnp.asarray(abs_log_ratio))  # float32 atoms stay float32: exact, and half the steps
     two_alpha = 2.0 * sampling_alpha(n, K, delta)
-    tau = tail_threshold(v, w, two_alpha)
+    tau = tail_threshold(v, weights, two_alpha)
     return jnp.where(two_alpha >= 1.0, 0.0, tau)
 
 

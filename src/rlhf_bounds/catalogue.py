@@ -99,7 +99,9 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     # ---- B7 and the certified B1 (B1 at δ/2, B7 at δ/2) ----------------------------------
     if spec.reward_model == "mle":
         mu = jnp.exp(p.evalset.log_mu)
-        second_moment = jnp.einsum("ma,mai,maj->ij", mu, p.evalset.phi, p.evalset.phi) / mu.shape[0]
+        # M = E_{D_train}[φφᵀ] = XᵀX/M with the rows of X the √μ-weighted features (one matmul).
+        x = (jnp.sqrt(mu)[..., None] * p.evalset.phi).reshape(-1, spec.d)
+        second_moment = x.T @ x / mu.shape[0]
         # B7 needs the residual gradient of the fit in float64 (the fit itself ran in float32).
         u64, z64, th64 = (jnp.asarray(x, jnp.float64) for x in (p.pref_u, p.pref_z, p.theta_hat))
         residual = jnp.linalg.norm(u64.T @ (jax.nn.sigmoid(u64 @ th64) - z64) + spec.ridge * th64)

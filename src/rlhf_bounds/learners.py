@@ -78,22 +78,35 @@ def prompt_objective(w, w_ref, phi, reward, beta, tau) -> jax.Array:
     return jnp.sum(jnp.exp(lp) * (reward - beta * ratio))
 
 
-exact_gradient = jax.grad(prompt_objective)
-exact_gradient.__doc__ = "∇_w of :func:`prompt_objective` (autodiff, exact over responses)."
+def _exact_gradient(w, lp_ref, phi, reward, beta, tau) -> jax.Array:
+    """:func:`exact_gradient` with the reference log-probabilities ``lp_ref`` ``[A]`` given."""
+    lp = log_probs(w, phi)
+    p = jnp.exp(lp)
+    ell = lp - lp_ref
+    h = reward - beta * jnp.clip(ell, -tau, tau)
+    inside = (jnp.abs(ell) < tau).astype(p.dtype)
+    coef = p * (h - jnp.sum(p * h) - beta * inside)
+    # Σ_a coef_a (φ_a − φ̄) with Σ_a coef_a φ̄ = φ̄ Σ_a coef_a
+    return coef @ phi - jnp.sum(coef) * (p @ phi)
 
 
-def rollout_gradient(w, w_ref, phi, reward, u, beta, tau, baseline: str) -> jax.Array:
-    """Score-function estimate of the policy gradient from K rollouts of one prompt.
+def exact_gradient(w, w_ref, phi, reward, beta, tau) -> jax.Array:
+    """∇_w of :func:`prompt_objective`, exact over responses, by hand:
 
-    With Y_k = F^{-1}_{π_w}(u_k) and R_k = r(x, Y_k) − β ℓ^τ_w(x, Y_k) treated as
-    a reward (the KL penalty folded into the reward, as practical RLHF does),
-        ĝ = (1/K) Σ_k (R_k − b_k) ∇_w log π_w(Y_k|x),   ∇_w log π_w(a|x) = φ(x, a) − E_{π_w}φ,
-    with b_k = (Σ_{j≠k} R_j)/(K − 1) for ``rloo`` and b_k = 0 for ``none``.
+        ∇ Σ_a π_a h_a = Σ_a π_a (h_a − h̄ − β·1{|ℓ_a| < τ}) (φ_a − φ̄),
+
+    with h = r − βℓ^τ, h̄ = Σ_a π_a h_a and φ̄ = E_{π_w}φ, from ∇π_a = π_a(φ_a − φ̄) and
+    ∇ℓ^τ_a = 1{|ℓ_a| < τ}(φ_a − φ̄). The tests check it against autodiff.
     """
+    return _exact_gradient(w, log_probs(w_ref, phi), phi, reward, beta, tau)
+
+
+def _rollout_gradient(w, lp_ref, phi, reward, u, beta, tau, baseline: str) -> jax.Array:
+    """:func:`rollout_gradient` with the reference log-probabilities ``lp_ref`` ``[A]`` given."""
     lp = log_probs(w, phi)
     p = jnp.exp(lp)
     y = inverse_cdf(p, u)
-    ratio = jnp.clip(lp[y] - log_probs(w_ref, phi)[y], -tau, tau)
+    ratio = jnp.clip(lp[y] - lp_ref[y], -tau, tau)
     r = reward[y] - beta * ratio
     k = u.shape[0]
     if baseline == "rloo":
@@ -104,11 +117,25 @@ def rollout_gradient(w, w_ref, phi, reward, u, beta, tau, baseline: str) -> jax.
     return adv @ score / k
 
 
+def rollout_gradient(w, w_ref, phi, reward, u, beta, tau, baseline: str) -> jax.Array:
+    """Score-function estimate of the policy gradient from K rollouts of one prompt.
+
+    With Y_k = F^{-1}_{π_w}(u_k) and R_k = r(x, Y_k) − β ℓ^τ_w(x, Y_k) treated as
+    a reward (the KL penalty folded into the reward, as practical RLHF does),
+        ĝ = (1/K) Σ_k (R_k − b_k) ∇_w log π_w(Y_k|x),   ∇_w log π_w(a|x) = φ(x, a) − E_{π_w}φ,
+    with b_k = (Σ_{j≠k} R_j)/(K − 1) for ``rloo`` and b_k = 0 for ``none``.
+    """
+    return _rollout_gradient(w, log_probs(w_ref, phi), phi, reward, u, beta, tau, baseline)
+
+
+def _full_gradient(w, lp_ref, data: TrainData, beta, tau) -> jax.Array:
+    g = jax.vmap(_exact_gradient, in_axes=(None, 0, 0, 0, None, None))(w, lp_ref, data.phi, data.reward, beta, tau)
+    return jnp.mean(g, axis=0)
+
+
 def full_gradient(w, w_ref, data: TrainData, beta, tau) -> jax.Array:
     """∇F_S(w), exact over responses, averaged over all n training prompts."""
-    g = jax.vmap(exact_gradient, in_axes=(None, None, 0, 0, None, None))(w, w_ref, data.phi, data.reward,
-                                                                         beta, tau)
-    return jnp.mean(g, axis=0)
+    return _full_gradient(w, jax.vmap(log_probs, in_axes=(None, 0))(w_ref, data.phi), data, beta, tau)
 
 
 def minibatch_indices(spec: Spec, key: jax.Array) -> jax.Array:
@@ -133,16 +160,18 @@ def train_policy(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Arr
     """Run the spec's learner from w_0 = w_ref for T steps; see the module docstring."""
     beta, tau = spec.beta, training_tau(spec)
     opt = optax.sgd(_step_size(spec))
+    # π_ref does not move: its log-probabilities are computed once, not at every step.
+    lp_ref = jax.vmap(log_probs, in_axes=(None, 0))(w_ref, data.phi)
 
     def batch_gradient(w, idx):
         if spec.learner == "GA":
-            return full_gradient(w, w_ref, data, beta, tau)
-        phi, reward, u = data.phi[idx], data.reward[idx], data.u[idx]
+            return _full_gradient(w, lp_ref, data, beta, tau)
+        phi, reward, u, lpr = data.phi[idx], data.reward[idx], data.u[idx], lp_ref[idx]
         if spec.estimator == "exact":
-            g = jax.vmap(exact_gradient, in_axes=(None, None, 0, 0, None, None))(w, w_ref, phi, reward, beta, tau)
+            g = jax.vmap(_exact_gradient, in_axes=(None, 0, 0, 0, None, None))(w, lpr, phi, reward, beta, tau)
         else:
-            g = jax.vmap(rollout_gradient, in_axes=(None, None, 0, 0, 0, None, None, None))(
-                w, w_ref, phi, reward, u, beta, tau, spec.estimator)
+            g = jax.vmap(_rollout_gradient, in_axes=(None, 0, 0, 0, 0, None, None, None))(
+                w, lpr, phi, reward, u, beta, tau, spec.estimator)
         return jnp.mean(g, axis=0)
 
     def step(carry, idx):
@@ -154,7 +183,7 @@ def train_policy(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Arr
     def checkpoint(carry, idx_block):
         carry, _ = jax.lax.scan(step, carry, idx_block)
         w = carry[0]
-        gnorm = jnp.linalg.norm(full_gradient(w, w_ref, data, beta, tau))
+        gnorm = jnp.linalg.norm(_full_gradient(w, lp_ref, data, beta, tau))
         return carry, (w, gnorm)
 
     n_ckpt = spec.steps // spec.record_every
