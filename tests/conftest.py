@@ -23,6 +23,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Property tests are reproducible: a fixed derandomised search, no example database.
+settings.register_profile("rlhf-bounds", derandomize=True, database=None)
+settings.load_profile("rlhf-bounds")
 from scipy.special import logsumexp
 
 import rlhf_bounds as rb

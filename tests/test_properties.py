@@ -99,7 +99,9 @@ def test_policy_maths_is_finite_and_consistent_at_every_scale(case):
     scale = 1.0 + float(np.sum(p * np.abs(out["log_ratio"])))  # size of the terms KL sums
     assert out["kl"] >= -1e-5 * scale
     assert np.all(np.abs(out["clipped"]) <= tau)
-    assert abs(out["clipped_mean"]) <= tau * (1.0 + 1e-6)  # a mean of values in [−τ, τ], up to round-off
+    # A mean of values in [−τ, τ] under float32 probabilities, whose sum is 1 only up to a few
+    # tens of float32 ulps (≈ 1.2e-7 each) when logits reach 10⁴: allow 1e-5 relative.
+    assert abs(out["clipped_mean"]) <= tau * (1.0 + 1e-5)
     assert out["tail"] >= 0.0
     # |E(ℓ − ℓ^τ)| ≤ E|ℓ − ℓ^τ| = E(|ℓ| − τ)_+, and τ = ∞ leaves the KL unchanged.
     assert abs(out["kl"] - out["clipped_mean"]) <= out["tail"] + 1e-5 * scale
