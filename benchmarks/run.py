@@ -1,0 +1,502 @@
+#!/usr/bin/env python
+"""Benchmarks of the rlhf-bounds engine: W1 `train-eval`, W2 `ou-chains`, W3 `scale` (PERFORMANCE.md).
+
+    python benchmarks/run.py --workload W1 --json w1.json              # N = 4096, R1 and R2 in the same run
+    python benchmarks/run.py --workload W1 --problems 512 --repeats 2   # a quick check
+    python benchmarks/run.py --workload W2 --problems 32 --json w2.json
+    python benchmarks/run.py --workload W3 --problems 20000 --json w3.json
+    python benchmarks/run.py --workload profile --json profile.json     # stage breakdown of simulate
+
+Each workload prints one line (problems/s with the spread of the repeats, ratios to
+R1 and R2, fractions of the roofline limits, compile seconds, peak RSS) and writes
+JSON. README.md beside this file says what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from common import W1, peak_rss_mb  # noqa: E402
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[bench {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(type(x))
+
+
+def write_json(path: str | None, data: dict) -> None:
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2, default=_json_default)
+    log(f"wrote {path}")
+
+
+# ================================================================================================
+# The engine at W1 shape
+# ================================================================================================
+class EngineW1:
+    """Times the engine's ``jit(vmap(simulate))`` chunk kernel over N problems, end to end to host arrays."""
+
+    def __init__(self, chunk: int | None, seed: int = 0):
+        import jax
+        import rlhf_bounds as rb
+        from rlhf_bounds import engine
+        self.jax, self.rb, self.engine = jax, rb, engine
+        self.spec = common.w1_spec(W1).validate()
+        self.chunk = chunk or engine.default_chunk_size(self.spec)
+        self.problems_key, self.shared_key = engine.problem_keys(seed)
+        self.compiled = None
+        self.compile_s = None
+
+    def _idx(self, lo: int, count: int):
+        idx = np.arange(lo, lo + self.chunk, dtype=np.int32)
+        idx[count:] = lo  # padding lanes repeat the first problem and are dropped (as engine.run does)
+        return self.jax.numpy.asarray(idx)
+
+    def compile(self) -> float:
+        t0 = time.perf_counter()
+        self.compiled = self.engine.chunk_kernel.lower(self.spec, self.problems_key, self.shared_key,
+                                                       self._idx(0, self.chunk)).compile()
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
+
+    def run(self, problems: int) -> dict[str, np.ndarray]:
+        """All ``problems`` problems, chunk by chunk, results brought to the host (like rb.run without out)."""
+        cols: dict[str, list] = {}
+        for lo in range(0, problems, self.chunk):
+            count = min(self.chunk, problems - lo)
+            res = self.compiled(self.spec, self.problems_key, self.shared_key, self._idx(lo, count))
+            res = self.jax.device_get(res)
+            for k, v in res.items():
+                if np.ndim(v) == 1:
+                    cols.setdefault(k, []).append(np.asarray(v)[:count])
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+class EngineCoreW1(EngineW1):
+    """The engine's W1 pipeline minus the bound catalogue (profile_stages.engine_core), same chunking."""
+
+    def __init__(self, chunk: int | None, seed: int = 0):
+        super().__init__(chunk, seed)
+        import profile_stages
+        self.kernel = profile_stages.engine_core(self.spec)
+
+    def compile(self) -> float:
+        t0 = time.perf_counter()
+        self.compiled = self.kernel.lower(self.problems_key, self.shared_key, self._idx(0, self.chunk)).compile()
+        self.compile_s = time.perf_counter() - t0
+        return self.compile_s
+
+    def run(self, problems: int) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {}
+        for lo in range(0, problems, self.chunk):
+            count = min(self.chunk, problems - lo)
+            res = self.jax.device_get(self.compiled(self.problems_key, self.shared_key, self._idx(lo, count)))
+            for k, v in res.items():
+                if np.ndim(v) == 1:
+                    cols.setdefault(k, []).append(np.asarray(v)[:count])
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+class R2W1:
+    def __init__(self, chunk: int, seed: int = 12345):
+        import jax
+        import r2_plain_jax
+        self.jax = jax
+        self.kernel = r2_plain_jax.make_kernel(W1)
+        self.root = jax.random.key(seed)
+        self.chunk = chunk
+        self.compiled = None
+
+    def compile(self) -> float:
+        t0 = time.perf_counter()
+        self.compiled = self.kernel.lower(self.root, self.jax.numpy.arange(self.chunk, dtype=np.int32)).compile()
+        return time.perf_counter() - t0
+
+    def run(self, problems: int) -> dict[str, np.ndarray]:
+        cols: dict[str, list] = {}
+        for lo in range(0, problems, self.chunk):
+            count = min(self.chunk, problems - lo)
+            idx = np.arange(lo, lo + self.chunk, dtype=np.int32)
+            idx[count:] = lo
+            res = self.jax.device_get(self.compiled(self.root, self.jax.numpy.asarray(idx)))
+            for k, v in res.items():
+                if np.ndim(v) == 1:
+                    cols.setdefault(k, []).append(np.asarray(v)[:count])
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"
+
+
+def workload_w1(args) -> dict:
+    import jax
+    import r1_numpy
+    import roofline
+
+    N = args.problems or 4096
+    n1 = min(args.r1_problems, N) if args.r1_problems else min(256, N)
+    n2 = min(args.r2_problems, N) if args.r2_problems else min(1024, N)
+    R = args.repeats
+    log(f"W1: engine N={N}, R2 N={n2}, R1 N={n1}, repeats={R}")
+
+    eng = EngineW1(args.chunk, seed=args.seed)
+    log(f"engine: compiling chunk kernel (chunk={eng.chunk}) ...")
+    compile_s = eng.compile()
+    log(f"engine: compiled in {compile_s:.1f}s; warm-up chunk ...")
+    eng.run(min(eng.chunk, N))
+    rss_before = peak_rss_mb()
+    eng_t, r1_t, r2_t = [], [], []
+    with common.Timer() as tm:
+        eng_cols = eng.run(N)
+    eng_t.append(tm)
+    engine_peak_rss = peak_rss_mb()
+    log(f"engine repeat 1: {N / tm.wall:.1f} problems/s (cpu share {tm.cpu / tm.wall:.2f}, load {tm.load:.1f}, "
+        f"peak RSS {engine_peak_rss:.0f} MB)")
+
+    r2 = R2W1(args.r2_chunk or eng.chunk)
+    log(f"R2: compiling (chunk={r2.chunk}) ...")
+    r2_compile_s = r2.compile()
+    r2.run(min(r2.chunk, n2))
+    log(f"R2: compiled in {r2_compile_s:.1f}s; R1 warm-up ...")
+    r1_numpy.simulate(W1, 4, seed=args.seed + 99, block=4)
+    core = None
+    if args.core_problems:
+        nc = min(args.core_problems, N)
+        core = EngineCoreW1(eng.chunk, seed=args.seed)
+        log("engine core (no catalogue): compiling ...")
+        core_compile_s = core.compile()
+        core.run(min(core.chunk, nc))
+    core_t, core_cols = [], None
+
+    r1_cols = r2_cols = None
+    for r in range(R):
+        if r > 0:
+            with common.Timer() as tm:
+                eng_cols = eng.run(N)
+            eng_t.append(tm)
+        with common.Timer() as tm:
+            r2_cols = r2.run(n2)
+        r2_t.append(tm)
+        if core is not None:
+            with common.Timer() as tm:
+                core_cols = core.run(nc)
+            core_t.append(tm)
+        with common.Timer() as tm:
+            r1_cols = r1_numpy.simulate(W1, n1, seed=args.seed + 1000, block=args.r1_block)
+        r1_t.append(tm)
+        log(f"repeat {r + 1}/{R}: engine {N / eng_t[-1].wall:.1f}/s, R2 {n2 / r2_t[-1].wall:.1f}/s, "
+            f"R1 {n1 / r1_t[-1].wall:.1f}/s (load {tm.load:.1f})")
+
+    summ = lambda n, ts: common.rate_summary(n, [t.wall for t in ts], [t.cpu for t in ts], [t.load for t in ts])
+    eng_rate, r1_rate, r2_rate = summ(N, eng_t), summ(n1, r1_t), summ(n2, r2_t)
+
+    # agreement in distribution (B1 terms from each implementation's columns, same formula, float64)
+    eng_b1 = {k: float(np.mean(eng_cols[k])) for k in ("b1_sampling", "b1_reward_shift", "b1_clipping", "b1_total")
+              if k in eng_cols}
+    e = common.with_b1(W1, eng_cols)
+    check_r1 = common.agreement("engine", e, "R1", common.with_b1(W1, r1_cols))
+    check_r2 = common.agreement("engine", e, "R2", common.with_b1(W1, r2_cols))
+
+    log("roofline: measuring matmul rate and bandwidth ...")
+    counts = roofline.w1_counts(W1)
+    limits = roofline.measure(W1, eng.chunk, quick=args.quick)
+    frac = roofline.fractions(eng_rate["problems_per_s"], counts, limits)
+    frac_r1 = roofline.fractions(r1_rate["problems_per_s"], counts, limits)
+    frac_r2 = roofline.fractions(r2_rate["problems_per_s"], counts, limits)
+
+    ratio_r1 = eng_rate["problems_per_s"] / r1_rate["problems_per_s"]
+    ratio_r2 = eng_rate["problems_per_s"] / r2_rate["problems_per_s"]
+    cpu_ratio_r1 = r1_rate["cpu_ms_per_problem"] / eng_rate["cpu_ms_per_problem"]
+    cpu_ratio_r2 = r2_rate["cpu_ms_per_problem"] / eng_rate["cpu_ms_per_problem"]
+    load = [t.load for t in eng_t + r1_t + r2_t]
+    line = (f"W1 train-eval: {_fmt_rate(eng_rate['problems_per_s'])} problems/s "
+            f"(median of {R}, spread {eng_rate['spread_pct']:.1f}%, N={N}, chunk {eng.chunk}) | "
+            f"×R1 {ratio_r1:.2f} (R1 numpy {_fmt_rate(r1_rate['problems_per_s'])}/s on {n1} problems, scaled) | "
+            f"×R2 {ratio_r2:.2f} (R2 plain-jax {_fmt_rate(r2_rate['problems_per_s'])}/s on {n2}, scaled) | "
+            f"roofline: compute {100 * frac['compute']:.2f}% of {frac['compute_limit_problems_per_s']:,.0f}/s, "
+            f"memory {100 * frac['memory']:.2f}% of {frac['memory_limit_problems_per_s']:,.0f}/s | "
+            f"compile {compile_s:.1f} s | peak RSS {engine_peak_rss:,.0f} MB")
+    print(line)
+    print(f"  CPU time per problem: engine {eng_rate['cpu_ms_per_problem']:.1f} ms "
+          f"(cpu share {eng_rate['cpu_share']:.2f}), R2 {r2_rate['cpu_ms_per_problem']:.1f} ms, "
+          f"R1 {r1_rate['cpu_ms_per_problem']:.1f} ms -> CPU-time ratios ×R1 {cpu_ratio_r1:.2f}, ×R2 {cpu_ratio_r2:.2f}; "
+          f"load average during the run {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
+    print("  " + common.agreement_line(check_r1))
+    print("  " + common.agreement_line(check_r2))
+    core_out = None
+    if core is not None:
+        core_rate = summ(nc, core_t)
+        check_core = common.agreement("core", common.with_b1(W1, core_cols), "R1", common.with_b1(W1, r1_cols))
+        core_out = {**core_rate, "compile_s": core_compile_s, "scaled_from_problems": nc,
+                    "ratio_r1": core_rate["problems_per_s"] / r1_rate["problems_per_s"],
+                    "ratio_r2": core_rate["problems_per_s"] / r2_rate["problems_per_s"],
+                    "roofline_fraction": roofline.fractions(core_rate["problems_per_s"], counts, limits),
+                    "agreement_vs_r1": check_core}
+        print(f"  engine without the bound catalogue (same engine functions, {nc} problems, scaled): "
+              f"{_fmt_rate(core_rate['problems_per_s'])} problems/s (spread {core_rate['spread_pct']:.1f}%), "
+              f"×R1 {core_out['ratio_r1']:.2f}, ×R2 {core_out['ratio_r2']:.2f}, compile {core_compile_s:.1f} s, "
+              f"cpu {core_rate['cpu_ms_per_problem']:.1f} ms/problem")
+        print("  " + common.agreement_line(check_core))
+    return {
+        "engine_core_no_catalogue": core_out,
+        "workload": "W1", "line": line,
+        "problems_per_s": eng_rate["problems_per_s"], "problems_per_s_spread_pct": eng_rate["spread_pct"],
+        "engine": {**eng_rate, "chunk": eng.chunk, "compile_s": compile_s, "problems_key_seed": args.seed,
+                   "own_b1_column_means": eng_b1},
+        "ratio_r1": ratio_r1, "ratio_r2": ratio_r2, "cpu_time_ratio_r1": cpu_ratio_r1,
+        "cpu_time_ratio_r2": cpu_ratio_r2, "loadavg_range": [min(load), max(load)],
+        "r1": {**r1_rate, "scaled_from_problems": n1, "block": args.r1_block, "roofline_fraction": frac_r1},
+        "r2": {**r2_rate, "scaled_from_problems": n2, "chunk": r2.chunk, "compile_s": r2_compile_s,
+               "roofline_fraction": frac_r2},
+        "roofline_fraction": frac, "counts_per_problem": counts, "limits": limits,
+        "compile_s": compile_s, "peak_rss_mb": engine_peak_rss, "peak_rss_mb_before_timed_run": rss_before,
+        "peak_rss_mb_process_end": peak_rss_mb(),
+        "agreement": {"engine_vs_r1": check_r1, "engine_vs_r2": check_r2},
+        "shape": W1.__dict__, "machine": common.machine(),
+    }
+
+
+# ================================================================================================
+# W2: OU chains
+# ================================================================================================
+def workload_w2(args) -> dict:
+    import dataclasses
+    import jax
+    import roofline
+    import w2_ou_chains as w2
+
+    s = dataclasses.replace(w2.W2, chains=args.chains or w2.W2.chains, T=args.steps or w2.W2.T)
+    P = args.problems or 256
+    chunk = min(args.chunk or 8, P)
+    kernel = w2.make_kernel(s)
+    ci = w2.chain_indices(s, args.seed)
+    root = jax.random.key(args.seed + 2)
+    log(f"W2: {P} problems × {s.chains} chains, T={s.T}, b={s.b}, chunk {chunk}; compiling ...")
+    t0 = time.perf_counter()
+    idx0 = jax.numpy.arange(chunk, dtype=np.int32)
+    compiled = kernel.lower(root, idx0, ci).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(root, idx0, ci))   # warm-up
+
+    def run_all():
+        outs = []
+        for lo in range(0, P, chunk):
+            count = min(chunk, P - lo)
+            idx = np.arange(lo, lo + chunk, dtype=np.int32)
+            idx[count:] = lo
+            res = jax.device_get(compiled(root, jax.numpy.asarray(idx), ci))
+            outs.append({k: np.asarray(v)[:count] for k, v in res.items()})
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    times, cpus, loads, cols = [], [], [], None
+    for r in range(args.repeats):
+        with common.Timer() as tm:
+            cols = run_all()
+        times.append(tm.wall)
+        cpus.append(tm.cpu)
+        loads.append(tm.load)
+        log(f"repeat {r + 1}/{args.repeats}: {P * s.chains / times[-1]:.1f} chains·problems/s "
+            f"(cpu share {tm.cpu / tm.wall:.2f}, load {tm.load:.1f})")
+    rates = sorted(P * s.chains / t for t in times)
+    med = statistics.median(rates)
+    spread = 100 * (rates[-1] - rates[0]) / med
+
+    # roofline of one chain step: b exact per-prompt gradients (autodiff: forward + backward ≈ 2×
+    # the hand count of checkpoints' per-prompt gradient), the update and the covariance accumulation.
+    counts = roofline.w1_counts(W1)
+    per_prompt_grad = counts["stages"]["checkpoints"]["flops"] / (W1.checkpoints * W1.n)
+    flops_step = s.b * per_prompt_grad + 2 * s.d + 2 * s.d * s.d
+    bytes_step = s.b * (s.A * s.d + s.A) * 4
+    limits = roofline.measure(W1, chunk, quick=args.quick)
+    chain_steps_per_s = med * s.T
+    frac = {"compute": chain_steps_per_s * flops_step / (limits["peak_gflops"] * 1e9),
+            "memory": chain_steps_per_s * bytes_step / (limits["peak_gbs"] * 1e9),
+            "flops_per_chain_step": flops_step, "bytes_per_chain_step": bytes_step}
+    summary = {k: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)),
+                   "p95": float(np.percentile(v, 95))} for k, v in cols.items()}
+    line = (f"W2 ou-chains: {_fmt_rate(med)} chains·problems/s = {_fmt_rate(med / s.chains)} problems/s "
+            f"(median of {args.repeats}, spread {spread:.1f}%, {P} problems × {s.chains} chains, T={s.T}, "
+            f"chunk {chunk}) | ×R1 n/a | ×R2 n/a | roofline: compute {100 * frac['compute']:.2f}%, "
+            f"memory {100 * frac['memory']:.2f}% | compile {compile_s:.1f} s | peak RSS {peak_rss_mb():,.0f} MB | "
+            f"OU rel. Frobenius error median: continuous {summary['rel_err_cont']['median']:.3f}, "
+            f"discrete {summary['rel_err_disc']['median']:.3f}; tr C_g median {summary['cg_trace']['median']:.2e}")
+    print(line)
+    return {"workload": "W2", "line": line, "problems_per_s": med / s.chains, "chains_problems_per_s": med,
+            "chains_problems_per_s_spread_pct": spread, "seconds": times, "cpu_s": cpus, "loadavg_1min": loads,
+            "cpu_ms_per_chain_problem": 1e3 * statistics.median(c / (P * s.chains) for c in cpus),
+            "problems": P, "chains": s.chains, "chunk": chunk,
+            "ratio_r1": None, "ratio_r2": None, "roofline_fraction": frac, "limits": limits,
+            "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(), "ou_summary": summary,
+            "shape": s.__dict__, "machine": common.machine()}
+
+
+# ================================================================================================
+# W3: scale
+# ================================================================================================
+def workload_w3(args) -> dict:
+    import rlhf_bounds as rb
+
+    N = args.problems or 1_000_000
+    spec = common.w1_spec(W1)
+    from rlhf_bounds import engine
+    chunk = args.chunk or engine.default_chunk_size(spec)
+    folder = Path(args.out) if args.out else Path(tempfile.gettempdir()) / f"rlhf-bounds-W3-{N}"
+    n_chunks = -(-N // chunk)
+    log(f"W3: {N} problems in {n_chunks} chunks of {chunk} into {folder} (overwrite={not args.resume})")
+
+    samples = []  # (seconds, rss MB, chunks on disk)
+
+    def sampler(stop):
+        t0 = time.perf_counter()
+        cdir = folder / "chunks"
+        while not stop.wait(1.0):
+            try:
+                done = sum(1 for p in cdir.iterdir() if p.name.endswith(".npz") and ".tmp" not in p.name)
+            except OSError:
+                done = 0
+            samples.append((time.perf_counter() - t0, common.current_rss_mb(), done, os.getloadavg()[0]))
+
+    import threading
+    stop = threading.Event()
+    th = threading.Thread(target=sampler, args=(stop,), daemon=True)
+    rss_start = common.current_rss_mb()
+    th.start()
+    with common.Timer() as tm:
+        res = rb.run(spec, N, out=folder, chunk_size=chunk, overwrite=not args.resume, progress=True, label="W3")
+    wall = tm.wall
+    stop.set()
+    th.join()
+    peak = peak_rss_mb()
+    rec = res.record
+    timings = rec.get("timings", {})
+    compile_s = float(timings.get("compile_s") or 0.0)
+    chunk_s = timings.get("chunk_s") or []
+    rate_e2e = N / max(wall - compile_s, 1e-9)
+    rate_kernel = timings.get("problems_per_s")
+
+    # RSS while chunks were being simulated: first quarter vs last quarter of the chunk phase
+    phase = [(t, m, c) for t, m, c, _ in samples if 0 < c < n_chunks]
+    growth = None
+    if len(phase) >= 8:
+        q = len(phase) // 4
+        first, last = max(m for _, m, _ in phase[:q]), max(m for _, m, _ in phase[-q:])
+        cs = np.array([c for _, _, c in phase], float)
+        ms = np.array([m for _, m, _ in phase], float)
+        slope = float(np.polyfit(cs, ms, 1)[0]) if np.ptp(cs) > 0 else 0.0
+        growth = {"rss_first_quarter_max_mb": first, "rss_last_quarter_max_mb": last,
+                  "slope_mb_per_chunk": slope, "slope_mb_per_1M_problems": slope * 1e6 / chunk}
+    results_bytes = sum(v.nbytes for v in res.columns.values()) + sum(v.nbytes for v in res.arrays.values())
+    disk_bytes = sum(p.stat().st_size for p in (folder / "chunks").glob("*.npz"))
+
+    w1_rate, w1_source = None, None
+    if args.w1_json and Path(args.w1_json).exists():
+        w1_rate = json.loads(Path(args.w1_json).read_text())["problems_per_s"]
+        w1_source = args.w1_json
+    elif args.w1_problems:
+        log(f"W1 rate for comparison: engine on {args.w1_problems} problems, same chunk (compiles again) ...")
+        eng = EngineW1(chunk, seed=args.seed)
+        eng.compile()
+        eng.run(min(chunk, args.w1_problems))
+        ts = []
+        for _ in range(2):
+            t1 = time.perf_counter()
+            eng.run(args.w1_problems)
+            ts.append(time.perf_counter() - t1)
+        w1_rate = statistics.median(args.w1_problems / t for t in ts)
+        w1_source = f"measured in this run on {args.w1_problems} problems"
+    ratio_w1 = rate_e2e / w1_rate if w1_rate else None
+    line = (f"W3 scale: {_fmt_rate(rate_e2e)} problems/s end to end ({N} problems, {n_chunks} chunks of {chunk}, "
+            f"writes and final load included; kernel+transfer only {_fmt_rate(rate_kernel or float('nan'))}/s)"
+            + (f" = {100 * ratio_w1:.0f}% of W1's {_fmt_rate(w1_rate)}/s" if ratio_w1 else "")
+            + f" | compile {compile_s:.1f} s | peak RSS {peak:,.0f} MB"
+            + (f" (during chunks: first quarter {growth['rss_first_quarter_max_mb']:,.0f} MB, last quarter "
+               f"{growth['rss_last_quarter_max_mb']:,.0f} MB, slope {growth['slope_mb_per_1M_problems']:,.0f} MB "
+               f"per 1M problems)" if growth else "")
+            + f" | loaded results {results_bytes / 1e6:,.1f} MB in memory, {disk_bytes / 1e6:,.1f} MB on disk")
+    print(line)
+    return {"workload": "W3", "line": line, "problems": N, "chunk": chunk, "folder": str(folder),
+            "problems_per_s": rate_e2e, "problems_per_s_kernel": rate_kernel, "wall_s": wall, "cpu_s": tm.cpu,
+            "loadavg_1min_range": [min((x[3] for x in samples), default=None), max((x[3] for x in samples), default=None)],
+            "ratio_w1": ratio_w1, "w1_problems_per_s": w1_rate, "w1_source": w1_source,
+            "ratio_r1": None, "ratio_r2": None, "roofline_fraction": None,
+            "compile_s": compile_s, "peak_rss_mb": peak, "rss_start_mb": rss_start, "rss_growth": growth,
+            "rss_samples": samples[:: max(1, len(samples) // 400)], "results_bytes_in_memory": results_bytes,
+            "results_bytes_on_disk": disk_bytes, "results_bytes_per_problem": results_bytes / N,
+            "chunk_s_median": float(np.median(chunk_s)) if chunk_s else None,
+            "machine": common.machine()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", required=True, choices=["W1", "W2", "W3", "profile"])
+    ap.add_argument("--problems", type=int, help="problems (W1 4096, W2 256, W3 1,000,000 by default)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    ap.add_argument("--chunk", type=int, help="problems per compiled call (engine default for W1/W3, 8 for W2)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smaller roofline probes")
+    g1 = ap.add_argument_group("W1")
+    g1.add_argument("--r1-problems", type=int, help="problems R1 runs (default min(256, N)); its rate is per problem")
+    g1.add_argument("--r1-block", type=int, default=64, help="problems R1 vectorises at once")
+    g1.add_argument("--r2-problems", type=int, help="problems R2 runs (default min(1024, N))")
+    g1.add_argument("--r2-chunk", type=int, help="R2's chunk (default: the engine's)")
+    g1.add_argument("--core-problems", type=int, default=1024,
+                    help="also time the engine's pipeline without the bound catalogue on this many problems (0: skip)")
+    g2 = ap.add_argument_group("W2")
+    g2.add_argument("--chains", type=int)
+    g2.add_argument("--steps", type=int)
+    g3 = ap.add_argument_group("W3")
+    g3.add_argument("--out", help="W3 run folder (default: a folder in the temp dir)")
+    g3.add_argument("--resume", action="store_true", help="resume the folder instead of overwriting it")
+    g3.add_argument("--w1-json", help="take W1's rate from this JSON instead of measuring it")
+    g3.add_argument("--w1-problems", type=int, default=1024, help="problems for the in-run W1 rate (0: skip)")
+    gp = ap.add_argument_group("profile")
+    gp.add_argument("--variants", action="store_true", help="also time alternative SGD kernels and chunk sizes")
+    args = ap.parse_args(argv)
+
+    if args.workload == "W1":
+        out = workload_w1(args)
+    elif args.workload == "W2":
+        out = workload_w2(args)
+    elif args.workload == "W3":
+        out = workload_w3(args)
+    else:
+        import profile_stages
+        out = profile_stages.main(args)
+    out["command"] = " ".join([os.path.basename(sys.executable), "benchmarks/run.py"] + (argv or sys.argv[1:]))
+    write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
