@@ -62,24 +62,10 @@ def w1_spec(shape: W1Shape = W1):
 
 # ---- the machine ------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
-    import jax
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "numpy": np.__version__,
-            "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    try:
-        import rlhf_bounds
-        info["rlhf_bounds"] = rlhf_bounds.__version__
-    except Exception:  # pragma: no cover
-        pass
+    """The engine's own machine record, plus XLA flags and which engine sources were timed."""
+    from rlhf_bounds.engine import machine_info
+    info = machine_info()
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     info.update(engine_source())
     return info
 
