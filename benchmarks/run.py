@@ -38,16 +38,7 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(type(x))
+from rlhf_bounds.results import _json_default  # noqa: E402  (NumPy scalars, arrays and paths to JSON)
 
 
 def write_json(path: str | None, data: dict) -> None:

@@ -45,6 +45,8 @@ def _json_default(x):
         return float(x)
     if isinstance(x, np.ndarray):
         return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
