@@ -273,7 +273,7 @@ def workload_w1(args) -> dict:
         "compile_s": compile_s, "peak_rss_mb": engine_peak_rss, "peak_rss_mb_before_timed_run": rss_before,
         "peak_rss_mb_process_end": peak_rss_mb(),
         "agreement": {"engine_vs_r1": check_r1, "engine_vs_r2": check_r2},
-        "shape": W1.__dict__, "machine": common.machine(),
+        "shape": W1.__dict__, "spec": eng.spec.to_dict(), "machine": common.machine(),
     }
 
 
@@ -436,6 +436,7 @@ def workload_w3(args) -> dict:
             + f" | loaded results {results_bytes / 1e6:,.1f} MB in memory, {disk_bytes / 1e6:,.1f} MB on disk")
     print(line)
     return {"workload": "W3", "line": line, "problems": N, "chunk": chunk, "folder": str(folder),
+            "spec": spec.to_dict(),
             "problems_per_s": rate_e2e, "problems_per_s_kernel": rate_kernel, "wall_s": wall, "cpu_s": tm.cpu,
             "loadavg_1min_range": [min((x[3] for x in samples), default=None), max((x[3] for x in samples), default=None)],
             "ratio_w1": ratio_w1, "w1_problems_per_s": w1_rate, "w1_source": w1_source,
