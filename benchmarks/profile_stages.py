@@ -7,14 +7,15 @@ Stages (the engine's own public functions, called in the order simulate calls th
 * ``draw``: world, preference data (prompts, μ draws, labels), training prompts and
   uniforms, evaluation prompts, fresh prompts and uniforms;
 * ``reward_fit``: the ridge Bradley-Terry Newton fit;
-* ``sgd``: learners.train_policy (T steps and the checkpoint gradient norms);
+* ``sgd``: learners.train_policies on the whole chunk (T steps and the checkpoint gradient norms);
 * ``evaluation``: log μ, gap.prompt_stats and gap.population on the M evaluation prompts
   (``evaluation_no_quantiles`` without the weighted quantiles: the difference is the quantile computation);
 * ``j_hat``: Ĵ on the fresh and on the training sample, decomposition;
 * ``catalogue``: catalogue.bound_columns (B1, B7, B3, B2 Occam, B2 Gaussian); its B2 parts alone.
 
 Each stage materialises its outputs, so the sum of the stages is not exactly the fused whole;
-``whole`` is the engine's chunk kernel itself.
+``whole`` is the engine's chunk kernel itself. Per-problem stages run vmapped in blocks of
+``engine.default_finish_block()`` problems (16 on CPU), as the engine runs its finishing stages.
 
 With ``--variants``: the whole kernel at several chunk sizes; the SGD stage rewritten (engine maths
 with ``lax.scan`` unrolled; and a problem-axis-last kernel with the d-contraction as multiply-adds
@@ -83,6 +84,10 @@ def stage_functions(spec):
     def sgd(d, theta_hat, idx):
         return learners.train_policy(spec, train_data(d, theta_hat), d["world"].w_ref, idx)
 
+    def sgd_batch(d, theta_hat, idx):  # all problems of the chunk at once, as the engine trains them
+        data = jax.vmap(train_data)(d, theta_hat)
+        return learners.train_policies(spec, data, d["world"].w_ref, idx)
+
     def eval_stats(d, theta_hat, w):
         wd, ev = d["world"], d["ev"]
         log_mu = jax.vmap(lambda phi: world.behaviour_log_probs(spec, wd, phi))(ev.phi)
@@ -106,37 +111,28 @@ def stage_functions(spec):
         out.update({f"{k}_train": v for k, v in gap.decompose(*jt, pop).items()})
         return out
 
-    return dict(draw=draw, fit=fit, sgd=sgd, evaluation=evaluation, evaluation_no_quantiles=evaluation_no_quantiles,
+    return dict(draw=draw, fit=fit, sgd=sgd, sgd_batch=sgd_batch, evaluation=evaluation, evaluation_no_quantiles=evaluation_no_quantiles,
                 j_hat=j_hat, train_data=train_data)
 
 
-def engine_core(spec):
-    """The engine's W1 pipeline without the bound catalogue: draw, BT fit, SGD, evaluation, Ĵ, decomposition.
+def engine_core(spec, finish_block=None):
+    """The engine's chunk kernel without the bound catalogue: draw, BT fit, SGD, evaluation, Ĵ, decomposition.
 
-    Composed of the engine's own functions exactly as simulate calls them (same key split), so
-    timing it beside the whole kernel shows what the catalogue costs. Returns per-problem scalars.
+    ``simulate.simulate_batch`` itself, traced with ``catalogue.bound_columns`` replaced by an empty
+    table, so timing it beside the whole kernel shows what the catalogue costs.
+    Returns per-problem results; call as ``kernel(problems_key, shared_key, idx)``.
     """
-    from rlhf_bounds import gap, learners
-    f = stage_functions(spec)
-
-    def one(key, mb):
-        d = f["draw"](key)
-        fit = f["fit"](d)
-        pol = f["sgd"](d, fit.theta, mb)
-        w = pol.w_last
-        pop, _, _ = f["evaluation"](d, fit.theta, w)
-        out = f["j_hat"](d, fit.theta, w, pop)
-        out.update({k: v for k, v in pop.items() if k not in out})
-        th = d["world"].theta_star
-        out.update(reward_error=jnp.linalg.norm(fit.theta - th), reward_fit_grad_norm=fit.grad_norm,
-                   reward_range=2.0 * jnp.linalg.norm(fit.theta) * spec.feature_bound,
-                   policy_grad_norm_best=pol.grad_norm_best)
-        return out
+    import importlib
+    sim = importlib.import_module("rlhf_bounds.simulate")
 
     def chunk(problems_key, shared_key, idx):
         keys = jax.vmap(jax.random.fold_in, (None, 0))(problems_key, idx)
-        mb = learners.minibatch_indices(spec, shared_key)
-        return jax.vmap(one, (0, None))(keys, mb)
+        real = sim.bound_columns
+        sim.bound_columns = lambda spec, problem: {}
+        try:
+            return sim.simulate_batch(spec, keys, shared_key, finish_block)
+        finally:
+            sim.bound_columns = real
 
     return jax.jit(chunk)
 
@@ -177,15 +173,21 @@ def profile(chunk: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
     idx = jnp.arange(chunk, dtype=jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(pk, idx)
     mb = learners.minibatch_indices(spec, sk)
-    V = lambda fn, axes: jax.vmap(fn, in_axes=axes)
+    fb = engine.default_finish_block()
+
+    def V(fn, axes):
+        """vmap over the chunk; in blocks of ``fb`` problems (lax.map) as the engine runs its finishing stages."""
+        if fb is None or fb >= chunk or axes != 0:
+            return jax.vmap(fn, in_axes=axes)
+        return lambda *a: jax.lax.map(lambda x: fn(*x), a, batch_size=fb)
 
     res, outs = {}, {}
     log(f"whole engine kernel, chunk {chunk} ...")
-    res["whole"], _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i), (idx,), repeats)
+    res["whole"], _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i, finish_block=fb), (idx,), repeats)
     log("stages ...")
     res["draw"], d = _time(V(f["draw"], 0), (keys,), repeats)
     res["reward_fit"], fit = _time(V(f["fit"], 0), (d,), repeats)
-    res["sgd"], pol = _time(V(f["sgd"], (0, 0, None)), (d, fit.theta, mb), repeats)
+    res["sgd"], pol = _time(f["sgd_batch"], (d, fit.theta, mb), repeats)
     res["evaluation"], (pop, stats, log_mu) = _time(V(f["evaluation"], 0), (d, fit.theta, pol.w_last), repeats)
     res["evaluation_no_quantiles"], _ = _time(V(f["evaluation_no_quantiles"], 0), (d, fit.theta, pol.w_last),
                                               repeats)
@@ -395,7 +397,8 @@ def variants(prof: dict[str, Any], chunks=(16, 32, 64, 128), repeats: int = 3, s
     for c in chunks:
         log(f"whole kernel at chunk {c} ...")
         i = jnp.arange(c, dtype=jnp.int32)
-        t, _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i), (i,), repeats)
+        t, _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i, finish_block=engine.default_finish_block()),
+                     (i,), repeats)
         cs[c] = {"problems_per_s": c / t["seconds"], "compile_s": t["compile_s"], "s_per_chunk": t["seconds"]}
     out["chunk_size"] = cs
     return out

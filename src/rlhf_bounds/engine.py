@@ -2,9 +2,9 @@
 
 This is the only module that knows about many problems. A run of ``problems``
 problems from one spec is cut into chunks; each chunk is one call of a
-``jit(vmap(simulate))`` kernel whose problem axis is sharded across every
-device (``jax.sharding``; across hosts too once ``jax.distributed`` is
-initialised). Problem i's PRNG key is ``fold_in(problems_key, i)``, so its
+compiled :func:`rlhf_bounds.simulate.simulate_batch` kernel whose problems are
+split across every device with ``shard_map`` (across hosts too once
+``jax.distributed`` is initialised). Problem i's PRNG key is ``fold_in(problems_key, i)``, so its
 results do not depend on the chunk size or the number of devices.
 
 Each finished chunk is written at once, atomically (write to a temporary file,
@@ -19,6 +19,7 @@ rather than mixed in, with a message naming what differs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -35,10 +36,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import __version__
 from .results import Results, chunk_files, read_record, write_json_atomic
-from .simulate import simulate
+from .simulate import simulate_batch
 from .spec import Spec, SpecError
 
-__all__ = ["run", "RunError", "problem_keys", "chunk_kernel", "default_chunk_size", "machine_info",
+__all__ = ["run", "RunError", "problem_keys", "chunk_kernel", "chunk_function", "compile_chunk",
+           "default_chunk_size", "default_finish_block", "machine_info",
            "check_run_options", "run_identity", "check_folder"]
 
 RECORD = "record.json"
@@ -57,35 +59,77 @@ def problem_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
 
 
-def _chunk(spec: Spec, problems_key: jax.Array, shared_key: jax.Array, idx: jax.Array) -> dict[str, jax.Array]:
+def _chunk(spec: Spec, problems_key: jax.Array, shared_key: jax.Array, idx: jax.Array,
+           finish_block: int | None = None) -> dict[str, jax.Array]:
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(problems_key, idx)
-    return jax.vmap(simulate, in_axes=(None, 0, None))(spec, keys, shared_key)
+    return simulate_batch(spec, keys, shared_key, finish_block)
 
 
-chunk_kernel = jax.jit(_chunk)
-chunk_kernel.__doc__ = "jit(vmap(simulate)) over the problem indices ``idx`` of one chunk."
+chunk_kernel = jax.jit(_chunk, static_argnames="finish_block")
+chunk_kernel.__doc__ = "jit(simulate_batch) over the problem indices ``idx`` of one chunk, on one device."
+
+
+def default_finish_block() -> int | None:
+    """Problems evaluated at once after training (see :func:`rlhf_bounds.simulate.simulate_batch`).
+
+    On CPU, 16: sixteen W1 evaluation sets (16 MB) stay in cache, and blocks of 8–16 ran
+    fastest (benchmarks/README.md). On an accelerator, the whole chunk at once.
+    """
+    return 16 if jax.default_backend() == "cpu" else None
+
+
+def chunk_function(mesh: Mesh, finish_block: int | None):
+    """The chunk computation (spec, problems_key, shared_key, idx) → results, over every device of ``mesh``.
+
+    With several devices the problem axis is split with ``shard_map``: each device simulates
+    its own problems with no communication at all (a partitioned ``jit`` could split one
+    problem's work across devices and insert collectives).
+    """
+    body = functools.partial(_chunk, finish_block=finish_block)
+    if mesh.size == 1:
+        return body
+    rep, split = PartitionSpec(), PartitionSpec("problems")
+    return jax.shard_map(body, mesh=mesh, in_specs=(rep, rep, rep, split), out_specs=split, check_vma=False)
 
 
 _COMPILED: dict = {}
 
 
-def _compiled(spec: Spec, problems_key, shared_key, gidx):
-    """The compiled chunk kernel for this static spec and chunk layout (cached: regimes of a study
-    that differ only in traced fields share one compilation)."""
+def compile_chunk(spec: Spec, problems_key, shared_key, gidx: jax.Array, mesh: Mesh,
+                  finish_block: int | None = None):
+    """The compiled chunk kernel that :func:`run` calls, for this static spec and chunk layout.
+
+    Cached: regimes of a study that differ only in traced fields share one compilation.
+    ``finish_block`` defaults to :func:`default_finish_block`. Call it as
+    ``kernel(spec, problems_key, shared_key, gidx)``.
+    """
+    if finish_block is None:
+        finish_block = default_finish_block()
     static = tuple(getattr(spec, name) for name in Spec.static_names())
-    cache_key = (static, gidx.shape, gidx.sharding)
+    cache_key = (static, gidx.shape, gidx.sharding, finish_block)
     if cache_key not in _COMPILED:
-        # The classic (non-partitionable) threefry is twice as fast on CPU here, and each problem's
-        # draws stay whole on one device, since problems (not draws) are what is sharded.
+        # The classic (non-partitionable) threefry is several times faster on CPU here, and each
+        # problem's draws stay whole on one device, since problems (not draws) are what is sharded.
         with jax.threefry_partitionable(False):
-            _COMPILED[cache_key] = chunk_kernel.lower(spec, problems_key, shared_key, gidx).compile()
+            kernel = jax.jit(chunk_function(mesh, finish_block))
+            _COMPILED[cache_key] = kernel.lower(spec, problems_key, shared_key, gidx).compile()
     return _COMPILED[cache_key]
 
 
 def default_chunk_size(spec: Spec) -> int:
-    """A chunk whose evaluation set fits comfortably in memory (about 256 MB of features)."""
-    per_problem = 4 * spec.eval_prompts * spec.actions * spec.d * 3
-    size = int(max(8, min(512, 256e6 // max(per_problem, 1))))
+    """Problems per compiled call: what keeps the training loop's vector lanes full within memory.
+
+    The policies of a chunk are trained together with the problem axis last, so wider chunks
+    amortise each step's fixed cost (256 W1 problems ran about 1.5× faster per problem than
+    64 on the 2-core CPU, benchmarks/README.md); the chunk's training sets (n·A·d floats per
+    problem) are kept within about 64 MB, and on an accelerator its evaluation sets within
+    about 1 GB.
+    """
+    train = 4 * spec.prompts * spec.actions * spec.d
+    size = 64e6 // max(train, 1)
+    if jax.default_backend() != "cpu":
+        size = min(size, 1e9 // max(4 * spec.eval_prompts * spec.actions * spec.d * 3, 1))
+    size = int(max(8, min(256, size)))
     return 1 << (size.bit_length() - 1)  # a power of two
 
 
@@ -301,7 +345,7 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
         gidx = _global_indices(idx, sharding)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = _compiled(spec, problems_key, shared_key, gidx)
+            compiled = compile_chunk(spec, problems_key, shared_key, gidx, mesh)
             compile_s = time.perf_counter() - t0
             bar.restart_clock()
         t0 = time.perf_counter()
@@ -358,8 +402,9 @@ def run_identity(spec: Spec, problems: int, seed: int = 0,
     # Traced fields as Python floats, so that beta=1 and beta=1.0 share one compiled kernel.
     spec = dataclasses.replace(spec, **{name: float(getattr(spec, name)) for name in Spec.traced_names()})
     problems, seed, chunk_size = check_run_options(problems, seed, chunk_size)
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(spec)
     n_dev = jax.device_count()
+    # by default no wider than the run itself (padding lanes are wasted work)
+    chunk = chunk_size if chunk_size is not None else min(default_chunk_size(spec), -(-problems // n_dev) * n_dev)
     chunk = -(-chunk // n_dev) * n_dev
     return {"spec": spec.to_dict(), "seed": seed, "problems": problems, "chunk_size": chunk}, spec
 
