@@ -213,6 +213,66 @@ def test_optimal_clip_threshold_edge_cases():
     assert float(B.optimal_clip_threshold([0.5, 9.0], [1.0, 0.0], 1e12, 1, 0.05)) == 0.5
 
 
+def np_tail_threshold(values, weights, mass):
+    """Smallest atom t of positive weight with Σ w·1[v > t] ≤ mass, by enumeration (float64 sums)."""
+    v, w = np.ravel(values), np.ravel(weights).astype(np.float64)
+    w = w / w.sum()
+    atoms = np.unique(v[w > 0])
+    return np.array([min([t for t in atoms if w[v > t].sum() <= m], default=atoms.max()) for m in mass], v.dtype)
+
+
+def test_tail_threshold_extreme_masses_and_zero_weights():
+    values = np.array([5.0, -1.0, 3.0, 7.0, -2.0, 3.0])
+    weights = np.array([0.2, 0.3, 0.1, 0.0, 0.0, 0.4])  # the largest (7) and smallest (−2) atoms have no mass
+    got = np.asarray(B.tail_threshold(values, weights, np.array([1.0, 1.5, 0.75, 0.2, 0.0, -0.1, np.nan])))
+    # mass ≥ 1: the smallest atom of positive weight; mass < 0 or NaN: the largest
+    np.testing.assert_array_equal(got, [-1.0, -1.0, -1.0, 3.0, 5.0, 5.0, 5.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tail_threshold_wide_exponents_vs_enumeration(dtype):
+    """Atoms spread over the whole exponent range (every radix digit of the keys matters), ±0, ties."""
+    rng = np.random.default_rng(21)
+    n = 300
+    span = 36 if dtype == np.float32 else 300
+    values = rng.choice([-1.0, 1.0], size=n) * 10.0 ** rng.uniform(-span, span, size=n)
+    values[rng.uniform(size=n) < 0.1] = 0.0
+    values[rng.uniform(size=n) < 0.05] = -0.0
+    values[rng.uniform(size=n) < 0.2] = values[0]
+    values = values.astype(dtype)
+    weights = rng.exponential(size=n) * (rng.uniform(size=n) < 0.85)
+    mass = np.concatenate([rng.uniform(size=20), [0.0, 1.0, 1e-3]])
+    got = np.asarray(jax.jit(B.tail_threshold)(values, weights, mass))
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, np_tail_threshold(values, weights, mass).astype(np.float64))
+
+
+def test_tail_threshold_float32_subnormals_exact():
+    """float32 subnormal atoms and weights are exact: the atom comes back as its float64 value (or,
+    with keep_dtype, as the float32 itself), never flushed to 0 by a float32 → float64 convert."""
+    values = np.array([3e-45, 2e-40, -7e-42, 1e-38, 1.0], np.float32)
+    weights = np.array([0.25, 0.25, 0.25, 0.25, 1e-40], np.float32)  # a subnormal weight is a positive weight
+    mass = np.array([1.0, 0.7, 0.3, 0.1, 0.0])
+    want = np.array([-7e-42, 3e-45, 2e-40, 1e-38, 1.0], np.float32)
+    got = np.asarray(jax.jit(B.tail_threshold)(values, weights, mass))
+    np.testing.assert_array_equal(got, want.astype(np.float64))
+    got32 = np.asarray(jax.jit(lambda v, w, m: B.tail_threshold(v, w, m, keep_dtype=True))(values, weights, mass))
+    assert got32.dtype == np.float32
+    np.testing.assert_array_equal(got32.view(np.uint32), want.view(np.uint32))
+
+
+def test_exact_float32_widening_every_class():
+    bits = np.random.default_rng(5).integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    specials = np.array([0, 0x80000000, 1, 0x80000001, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000,
+                         0xFF800000, 0x7FC00000], np.uint32)
+    x = np.concatenate([bits, specials]).view(np.float32)
+    got = np.asarray(jax.jit(B._f64_exact)(x))
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(np.float64)
+    same = (got.view(np.uint64) == ref.view(np.uint64)) | (np.isnan(got) & np.isnan(ref))
+    assert same.all()
+
+
 @PROPERTY
 @given(seed=st.integers(0, 2**31 - 1), n1=st.integers(1, 10**7), n2=st.integers(1, 10**7),
        K=st.integers(1, 64), delta=st.floats(1e-6, 0.5))

@@ -171,6 +171,71 @@ def test_weighted_quantiles_property(pairs, level):
     assert got == np_weighted_quantile(values, weights, level)
 
 
+def np_sorted_weighted_quantiles(values, weights, levels, tie_tol=1e-12):
+    """Reference by sorting: merge equal values, cumulate their weights (float64, exact widening of
+    float32), and take the first value of positive weight whose CDF reaches the level. Also
+    returns, per level, the set of answers a float64 computation may legitimately give: both
+    neighbours where a CDF value lies within ``tie_tol`` of the level (summation order decides)."""
+    v = np.ravel(values)
+    w = np.ravel(weights).astype(np.float64)
+    uniq, inverse = np.unique(v, return_inverse=True)
+    mass = np.bincount(inverse.ravel(), weights=w, minlength=uniq.size)
+    keep = mass > 0
+    uniq, cdf = uniq[keep], np.cumsum(mass[keep]) / w.sum()
+    answers, allowed = [], []
+    for level in levels:
+        i = min(int(np.searchsorted(cdf, level, side="left")), uniq.size - 1)
+        answers.append(uniq[i])
+        near = np.nonzero(np.abs(cdf - level) <= tie_tol)[0]
+        allowed.append({uniq[i]} | {uniq[min(j + k, uniq.size - 1)] for j in near for k in (0, 1)})
+    return np.array(answers, v.dtype), allowed
+
+
+def random_w1_law(rng, kind):
+    """A float32 law of W1 shape [2048, 8] with many ties, zero weights and subnormal atoms."""
+    m, A = 2048, 8
+    if kind == "abs_log_ratio":   # the engine's law: |ℓ| ≥ 0, weights π(a|x) (one softmax per prompt)
+        logits = rng.normal(size=(m, A)) * 2.0
+        p = np.exp(logits - logits.max(axis=1, keepdims=True))
+        weights = p / p.sum(axis=1, keepdims=True)
+        values = np.abs(rng.normal(size=(m, A)) * rng.uniform(0, 3, size=(m, 1)))
+        values = np.where(rng.uniform(size=(m, A)) < 0.2, np.ceil(values * 10) / 10, values)  # ties (none at 0)
+    else:                         # signed values on a coarse grid: heavy ties, both signs, ±0
+        values = rng.integers(-40, 40, size=(m, A)) / 8.0
+        values = np.where(rng.uniform(size=(m, A)) < 0.05, -0.0, values)
+        weights = rng.exponential(size=(m, A)) * (rng.uniform(size=(m, A)) < 0.9)  # ~10% zero
+    values = values.astype(np.float32)
+    # Subnormal atoms (below 2^-126 ≈ 1.2e-38) with real mass, and a few subnormal weights.
+    tiny = rng.uniform(size=(m, A)) < 0.03
+    values[tiny] = (rng.integers(1, 50, size=int(tiny.sum())) * 1e-45).astype(np.float32) * (
+        1 if kind == "abs_log_ratio" else rng.choice([-1, 1], size=int(tiny.sum())))
+    weights = weights.astype(np.float32)
+    weights[rng.uniform(size=(m, A)) < 0.01] = np.float32(3e-41)
+    return values, weights
+
+
+@pytest.mark.parametrize("kind", ["abs_log_ratio", "signed_grid"])
+def test_weighted_quantiles_w1_shape_vs_numpy_sort(kind):
+    """At W1 shape (float32 [2048, 8], jit and vmap over laws as the engine runs it): the atom
+    returned, a float32 equal to an atom, is the sort-based weighted quantile, subnormals included."""
+    rng = np.random.default_rng(17 if kind == "abs_log_ratio" else 18)
+    laws = [random_w1_law(rng, kind) for _ in range(4)]
+    values = np.stack([v for v, _ in laws])
+    weights = np.stack([w for _, w in laws])
+    levels = list(gap.QUANTILE_LEVELS) + [1e-4, 0.123456, 0.3, 0.6180339887, 0.9999]
+    got = np.asarray(jax.jit(jax.vmap(lambda v, w: gap.weighted_quantiles(v, w, levels)))(values, weights))
+    assert got.dtype == np.float32 and got.shape == (len(laws), len(levels))
+    subnormal_answers = 0
+    for i in range(len(laws)):
+        expected, allowed = np_sorted_weighted_quantiles(values[i], weights[i], levels)
+        for j, level in enumerate(levels):
+            assert got[i, j] in allowed[j], (i, level, got[i, j], expected[j])
+            subnormal_answers += 0 < abs(got[i, j]) < np.finfo(np.float32).tiny
+    if kind == "abs_log_ratio":
+        # The law puts ~3% of its mass on subnormal atoms: the smallest level lands on one.
+        assert subnormal_answers > 0
+
+
 @pytest.mark.parametrize("tau", [0.3, INF])
 def test_sample_objective_vs_numpy(rng, tau):
     n, K, A, d, beta = 6, 5, 4, 3, 0.8

@@ -76,10 +76,13 @@ def weighted_quantiles(values: jax.Array, weights: jax.Array, levels) -> jax.Arr
     """Quantiles of the discrete law Σ weights·δ_values: the smallest v with P(V ≤ v) ≥ level.
 
     ``values`` and ``weights`` are flattened; weights are normalised to sum 1. Computed by
-    :func:`rlhf_bounds.bounds.tail_threshold` (exact, no sort), returned in ``values``' dtype.
+    :func:`rlhf_bounds.bounds.tail_threshold` (exact radix select, no sort; all levels share its
+    passes over the atoms), returned in ``values``' dtype: float32 atoms come back bit for bit,
+    never through a float64 round trip (XLA's CPU backend would flush a subnormal to 0).
     """
     levels = jnp.asarray(levels, jnp.float64)
-    return bounds.tail_threshold(values, weights, 1.0 - levels).astype(jnp.result_type(values))
+    atoms = bounds.tail_threshold(values, weights, 1.0 - levels, keep_dtype=True)
+    return atoms.astype(jnp.result_type(values))
 
 
 def population(stats: PromptStats) -> dict[str, jax.Array]:
