@@ -177,9 +177,15 @@ def profile(chunk: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
 
     def V(fn, axes):
         """vmap over the chunk; in blocks of ``fb`` problems (lax.map) as the engine runs its finishing stages."""
-        if fb is None or fb >= chunk or axes != 0:
+        if fb is None or fb >= chunk or axes != 0 or chunk % fb:
             return jax.vmap(fn, in_axes=axes)
-        return lambda *a: jax.lax.map(lambda x: fn(*x), a, batch_size=fb)
+        nb = chunk // fb
+
+        def blocked(*a):  # lax.map(batch_size=) cannot restack zero-size outputs (the world's empty basis)
+            a = jax.tree_util.tree_map(lambda x: x.reshape((nb, fb) + x.shape[1:]), a)
+            out = jax.lax.map(lambda x: jax.vmap(fn)(*x), a)
+            return jax.tree_util.tree_map(lambda y: y.reshape((chunk,) + y.shape[2:]), out)
+        return blocked
 
     res, outs = {}, {}
     log(f"whole engine kernel, chunk {chunk} ...")
