@@ -204,6 +204,24 @@ def test_clip_objective_matches_direct_sum():
     np.testing.assert_allclose(np.asarray(B.clip_objective(tau, values, weights, 0.1, 0.5)), ref, rtol=1e-12)
 
 
+def test_optimal_clip_threshold_ignores_the_scale_of_its_weights():
+    """The catalogue passes π_w(a|x_m) unscaled (not π/M) so that the weights, keys and first radix
+    pass are the ones gap.population's quantiles already computed; τ* must not depend on the scale.
+    float32 atoms and weights as the engine has them; dividing by a power of two is exact."""
+    rng = np.random.default_rng(11)
+    for m in (2048, 1000):
+        values = np.abs(rng.standard_normal((m, 8))).astype(np.float32)
+        probs = rng.dirichlet(np.ones(8), size=m).astype(np.float32)
+        scaled = float(tau_star(values, probs / np.float32(m), 256, 4, 0.05))
+        unscaled = float(tau_star(values, probs, 256, 4, 0.05))
+        if m == 2048:
+            assert unscaled == scaled
+        else:  # π/M rounds in float32: only a cumulative mass within round-off of 2α could move τ*
+            assert unscaled == pytest.approx(scaled, abs=1e-6)
+        assert unscaled == pytest.approx(np_tau_star(values, probs, 2 * float(B.sampling_alpha(256, 4, 0.05))),
+                                         abs=1e-7)
+
+
 def test_optimal_clip_threshold_edge_cases():
     values, weights = np.array([0.5, 1.0, 2.0]), np.array([0.2, 0.3, 0.5])
     assert float(B.optimal_clip_threshold(values, weights, 1, 1, 0.5)) == 0.0  # 2α ≥ 1

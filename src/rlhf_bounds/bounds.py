@@ -430,6 +430,8 @@ def optimal_clip_threshold(abs_log_ratio, weights, n, K, delta) -> jax.Array:
     flattened) with probabilities ``weights`` (same shape, normalised to sum 1), e.g.
     |ℓ_w(x_m, a)| with weight π_w(a|x_m)/M over an evaluation set. τ* is one of the atoms
     (or 0), is independent of β, and is non-decreasing in n, K and δ. Returns a scalar.
+    The weights' scale does not matter: pass π_w(a|x_m) itself, as the catalogue does, to share the
+    weight normalisation, keys and first radix pass with ``gap.weighted_quantiles`` of the same law.
     """
     v = jnp.abs(jnp.asarray(abs_log_ratio))  # float32 atoms keep 32-bit keys: 3 radix passes, not 6
     two_alpha = 2.0 * sampling_alpha(n, K, delta)
