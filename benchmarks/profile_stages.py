@@ -411,8 +411,11 @@ def variants(prof: dict[str, Any], chunks=(16, 32, 64, 128), repeats: int = 3, s
 
 
 def main(args) -> dict[str, Any]:
-    chunk = args.chunk or 64
-    prof = profile(chunk, repeats=args.repeats, seed=args.seed)
+    from rlhf_bounds import engine
+    chunk = args.chunk or engine.default_chunk_size(common.w1_spec(W1).validate())
+    # the engine's threefry mode (engine.compile_chunk), so the stages draw as the engine does
+    with jax.threefry_partitionable(False):
+        prof = profile(chunk, repeats=args.repeats, seed=args.seed)
     whole = prof["raw"]["whole"]["seconds"]
     print(f"profile W1 stages, chunk {chunk} ({chunk / whole:.1f} problems/s whole kernel, "
           f"{1e3 * whole:.0f} ms per chunk; stage sum {1e3 * prof['stage_sum_s']:.0f} ms):")

@@ -109,3 +109,21 @@ def test_every_check_names_real_columns():
     res = rb.run(rb.Spec(**SMALL, tau=1.0), 4, seed=0, progress=False)
     for c in CHECKS:
         assert c.actual in res.columns and c.bound in res.columns, c
+
+
+def test_deterministic_check_allows_round_off_only():
+    """A float32 tie (|actual| an ulp above an equal bound) is not a violation; 1e-3 above is.
+
+    Seen on a default run: β E(|ℓ| − τ)_+ = 1.73797853e-05 against |clipping| = 1.73797871e-05,
+    the same sum in another order.
+    """
+    from rlhf_bounds.report import ROUND_OFF
+    from rlhf_bounds.results import Results
+
+    bound = np.array([1.73797853e-05, 0.2, 0.0, 0.3])
+    actual = np.array([-1.73797871e-05, 0.2 * (1 + 1e-3), 0.0, -0.1])
+    cols = {"gap_clipping": actual, "b1_clipping": bound, "status": np.zeros(4, np.int32)}
+    res = Results(cols, {"spec": {"delta": 0.05}})
+    row = {r["check"]: r for r in coverage_rows(res)}["B1 clipping"]
+    assert row["violations"] == 1 and row["verdict"] == "REFUTED"
+    assert (1.73797871e-05 / 1.73797853e-05 - 1) < ROUND_OFF < 1e-3

@@ -16,6 +16,12 @@ __all__ = ["TERMS", "CHECKS", "Check", "term_stats", "summary_rows", "coverage_r
 TERMS = ("J_hat", "J_star", "gap_total", "gap_sampling", "gap_reward_shift", "gap_clipping", "gap_total_train")
 
 
+#: Relative round-off allowed to a deterministic check (THEORY's exact inequalities evaluated in
+#: float32): the two sides are means over M·A atoms summed in different orders, a relative
+#: error of order log2(M·A)·2⁻²⁴ ≈ 1e-6 at W1's shape; 1e-5 leaves ten times that.
+ROUND_OFF = 1e-5
+
+
 class Check(NamedTuple):
     """A bound set beside the actual value it bounds: violated when |actual| > bound."""
 
@@ -73,7 +79,8 @@ def coverage_rows(results: Results | StudyResults, checks: Iterable[Check] = CHE
     one-sided Clopper-Pearson (1 − alpha) upper limit, the verdict, and tightness (bound/|actual|).
 
     A bound is *refuted* when the Clopper-Pearson lower limit of its violation rate exceeds δ
-    (for a deterministic inequality: any violation at all).
+    (for a deterministic inequality: any violation at all, beyond a relative round-off of
+    ``ROUND_OFF``, since both sides are float32 sums of the same terms).
     """
     regimes = results.items() if isinstance(results, StudyResults) else [("run", results)]
     rows = []
@@ -86,7 +93,13 @@ def coverage_rows(results: Results | StudyResults, checks: Iterable[Check] = CHE
             actual = np.abs(res[c.actual][ok].astype(np.float64))
             bound = res[c.bound][ok].astype(np.float64)
             n = int(actual.size)
-            k = int(np.sum(actual > bound))
+            if c.deterministic:
+                # An exact inequality between two float32 population means of the same per-atom
+                # magnitudes (docs/theory.md): where it is tight, summation order alone can put
+                # |actual| an ulp or so above the bound; only a larger excess is a violation.
+                k = int(np.sum(actual > bound * (1.0 + ROUND_OFF)))
+            else:
+                k = int(np.sum(actual > bound))
             lower = float(bounds.clopper_pearson_lower(k, n, alpha)) if n else np.nan
             upper = float(bounds.clopper_pearson_upper(k, n, alpha)) if n else np.nan
             if c.deterministic:
