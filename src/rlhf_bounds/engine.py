@@ -94,6 +94,9 @@ def chunk_function(mesh: Mesh, finish_block: int | None):
 
 _COMPILED: dict = {}
 
+#: Default problems per device when several CPU devices are forced (see :func:`run_identity`).
+CPU_MULTI_DEVICE_CHUNK = 32
+
 
 def compile_chunk(spec: Spec, problems_key, shared_key, gidx: jax.Array, mesh: Mesh,
                   finish_block: int | None = None):
@@ -403,8 +406,16 @@ def run_identity(spec: Spec, problems: int, seed: int = 0,
     spec = dataclasses.replace(spec, **{name: float(getattr(spec, name)) for name in Spec.traced_names()})
     problems, seed, chunk_size = check_run_options(problems, seed, chunk_size)
     n_dev = jax.device_count()
-    # by default no wider than the run itself (padding lanes are wasted work)
-    chunk = chunk_size if chunk_size is not None else min(default_chunk_size(spec), -(-problems // n_dev) * n_dev)
+    if chunk_size is not None:
+        chunk = chunk_size
+    else:
+        chunk = default_chunk_size(spec)
+        if n_dev > 1 and jax.default_backend() == "cpu":
+            # Several forced host devices share one CPU: with 64 or more W1 problems per device
+            # the XLA CPU runtime of JAX 0.10 was seen to deadlock (every thread waiting), while
+            # 32 per device ran; and the kernel already uses every core on one device.
+            chunk = min(chunk, CPU_MULTI_DEVICE_CHUNK * n_dev)
+        chunk = min(chunk, -(-problems // n_dev) * n_dev)  # no wider than the run (padding is wasted work)
     chunk = -(-chunk // n_dev) * n_dev
     return {"spec": spec.to_dict(), "seed": seed, "problems": problems, "chunk_size": chunk}, spec
 
