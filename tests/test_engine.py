@@ -41,8 +41,23 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     spec = rb.Spec.from_dict(json.loads(sys.argv[1]))
     res = rb.run(spec, problems=int(sys.argv[2]), seed=int(sys.argv[3]), chunk_size=8, out=sys.argv[4],
                  progress=False)
+    from rlhf_bounds._cpu_pool import cpu_pool_threads
     print(json.dumps({"device_count": jax.device_count(), "devices": [str(d) for d in jax.devices()],
-                      "problems": len(res)}))
+                      "problems": len(res), "pool": cpu_pool_threads()}))
+""")
+
+#: JAX's CPU client started before the package is imported: too late to add a pool thread.
+LATE_IMPORT_SCRIPT = textwrap.dedent("""
+    import json, warnings
+    import jax
+    jax.devices()
+    import rlhf_bounds
+    from rlhf_bounds._cpu_pool import cpu_pool_threads, run_devices
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        used = run_devices()
+    print(json.dumps({"device_count": jax.device_count(), "used": len(used), "pool": cpu_pool_threads(),
+                      "warnings": [str(w.message) for w in caught]}))
 """)
 
 
@@ -183,8 +198,24 @@ def test_multi_device_matches_single_device(multi_device_run):
     assert proc.returncode == 0, stderr[-3000:]
     info = json.loads(stdout.strip().splitlines()[-1])
     assert info["device_count"] == 4, info
+    assert info["pool"] >= 5, info  # the package reserved a spare pool thread (rlhf_bounds/_cpu_pool.py)
     assert info["problems"] == PROBLEMS
     assert jax.device_count() == 1  # this process: the comparison really is across device counts
     multi = rb.load(out)
     assert multi.record["machine"]["devices"] == info["devices"]
     assert_same_results(multi, run_chunked(8), exact=False)
+
+
+def test_multi_device_falls_back_when_pool_too_small():
+    """JAX started (4 forced devices, a pool of max(PJRT_NPROC, 4) = 4 threads) before the import: one device, a warning."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PJRT_NPROC"] = "2"
+    proc = subprocess.run([sys.executable, "-c", LATE_IMPORT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["device_count"] == 4 and info["pool"] == 4, info
+    assert info["used"] == 1, info
+    assert len(info["warnings"]) == 1 and "PJRT_NPROC=5" in info["warnings"][0], info

@@ -14,6 +14,10 @@ import jax as _jax
 
 _jax.config.update("jax_enable_x64", True)
 
+from . import _cpu_pool  # noqa: E402
+
+_cpu_pool.reserve_spare_thread()  # before anything starts JAX's CPU client
+
 __version__ = "0.1.0"
 
 from . import gap, learners, policy, reward, world  # noqa: E402

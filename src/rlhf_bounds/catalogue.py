@@ -115,11 +115,9 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     out.update(b1_total_certified=b1c.total, b7_radius=radius, b7_l2_bound=l2_certified)
 
     # ---- B3 and B4 inputs ---------------------------------------------------------------
-    # The law of |ℓ| under D_w: atoms |ℓ(x_m, a)| with weight π_w(a|x_m)/M. The weights are passed
-    # without the 1/M (the radix select normalises them; for M a power of two, as in W1, π/M gave
-    # bit-identical weights) so that its float64 weights, keys and first histogram pass are the very
-    # expressions of the quantiles gap.population takes of the same law in the same kernel: XLA then
-    # computes them once for both (one scatter pass over the M·A atoms fewer per problem).
+    # The law of |ℓ| under D_w: atoms |ℓ(x_m, a)| with weight π_w(a|x_m)/M, passed without the 1/M
+    # (the radix select normalises) so that XLA shares its keys and first pass with the quantiles
+    # gap.population takes of the same law.
     out["b3_tau_star"] = bounds.optimal_clip_threshold(p.stats.abs_log_ratio, p.stats.prob, n, K, delta)
     out.update(_variances(spec, p))
 
@@ -134,15 +132,9 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
 def _variances(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     """σ²_prompt = Var_x E_{π_w}[h] and σ²_roll = E_x Var_{π_w}[h] of h = r̂ − βℓ^τ (B4's variance-aware K*).
 
-    ℓ is recomputed over the whole evaluation set with exactly the expressions of
-    :func:`gap.prompt_stats` (``log_probs(w) − log_probs(w_ref)``, then ``clip``) on purpose: in the
-    engine this runs in the same XLA computation as ``prompt_stats`` (``simulate._finish``), whose
-    common-subexpression elimination then shares its two matvecs and log-sum-exps, so ℓ costs
-    nothing here (the compiled engine kernel has no matvec for it). A cheaper-looking rewrite
-    (recovering sign(ℓ) from one matvec Φ(w − w_ref) and ``stats.abs_log_ratio``) is ~2× faster
-    when the catalogue is compiled alone, as ``benchmarks/profile_stages.py`` times it, but gains
-    nothing in the engine, can add a matvec the fused kernel did not have (it did in a fused
-    evaluation + catalogue test), and was not faster there in interleaved timings.
+    ℓ is recomputed with exactly the expressions of :func:`gap.prompt_stats` on purpose: in the
+    engine both run in one XLA computation (``simulate._finish``), whose common-subexpression
+    elimination shares their matvecs and log-sum-exps, so ℓ costs nothing here.
     """
     s, e = p.stats, p.evalset
     ell = jax.vmap(log_ratio, in_axes=(None, None, 0))(p.w, p.w_ref, e.phi)

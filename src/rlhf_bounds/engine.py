@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from . import __version__
+from ._cpu_pool import run_devices
 from .results import Results, chunk_files, read_record, write_json_atomic
 from .simulate import simulate_batch
 from .spec import Spec, SpecError
@@ -123,10 +124,9 @@ def default_chunk_size(spec: Spec) -> int:
     """Problems per compiled call: what keeps the training loop's vector lanes full within memory.
 
     The policies of a chunk are trained together with the problem axis last, so wider chunks
-    amortise each step's fixed cost (256 W1 problems ran about 1.5× faster per problem than
-    64 on the 2-core CPU, benchmarks/README.md); the chunk's training sets (n·A·d floats per
-    problem) are kept within about 64 MB, and on an accelerator its evaluation sets within
-    about 1 GB.
+    amortise each step's fixed cost (benchmarks/README.md); the chunk's training sets (n·A·d
+    floats per problem) are kept within about 64 MB, and on an accelerator its evaluation sets
+    within about 1 GB.
     """
     train = 4 * spec.prompts * spec.actions * spec.d
     size = 64e6 // max(train, 1)
@@ -151,7 +151,7 @@ def machine_info() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
+        "devices": [str(d) for d in run_devices()],
         "process_count": jax.process_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,
@@ -322,7 +322,7 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
     else:
         record = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
 
-    mesh = Mesh(np.array(jax.devices()), ("problems",))
+    mesh = Mesh(np.array(run_devices()), ("problems",))
     sharding = NamedSharding(mesh, PartitionSpec("problems"))
     problems_key, shared_key = problem_keys(seed)
 
@@ -405,15 +405,15 @@ def run_identity(spec: Spec, problems: int, seed: int = 0,
     # Traced fields as Python floats, so that beta=1 and beta=1.0 share one compiled kernel.
     spec = dataclasses.replace(spec, **{name: float(getattr(spec, name)) for name in Spec.traced_names()})
     problems, seed, chunk_size = check_run_options(problems, seed, chunk_size)
-    n_dev = jax.device_count()
+    n_dev = len(run_devices())
     if chunk_size is not None:
         chunk = chunk_size
     else:
         chunk = default_chunk_size(spec)
         if n_dev > 1 and jax.default_backend() == "cpu":
-            # Several forced host devices share one CPU: with 64 or more W1 problems per device
-            # the XLA CPU runtime of JAX 0.10 was seen to deadlock (every thread waiting), while
-            # 32 per device ran; and the kernel already uses every core on one device.
+            # Several forced host devices share one CPU, where the kernel already uses every core
+            # on one device: small per-device chunks keep each device's LAPACK batches small
+            # (a second guard besides the pool's spare thread, _cpu_pool.py).
             chunk = min(chunk, CPU_MULTI_DEVICE_CHUNK * n_dev)
         chunk = min(chunk, -(-problems // n_dev) * n_dev)  # no wider than the run (padding is wasted work)
     chunk = -(-chunk // n_dev) * n_dev

@@ -156,6 +156,9 @@ def _step_size(spec: Spec):
     return spec.lr
 
 
+_UNROLL_D = 64
+
+
 def _contract(phi, w):
     """Σ_k phi[..., k, :] · w[k, :] for problem-last ``phi`` ``[..., d, P]`` and ``w`` ``[d, P]``.
 
@@ -182,8 +185,6 @@ def _spread(coef, phi):
     return jnp.sum(coef[..., None, :] * phi, axis=axes)
 
 
-_UNROLL_D = 64
-
 
 def _log_softmax(z):
     """log π over the response axis (axis 1 of ``[m, A, P]``), as :func:`rlhf_bounds.policy.log_probs` does it."""
@@ -203,8 +204,8 @@ def _coefficients(w, phi, lp_ref, reward, u, beta, tau, estimator: str):
     lp = _log_softmax(_contract(phi, w))
     p = jnp.exp(lp)
     ell = lp - lp_ref
+    h = reward - beta * jnp.clip(ell, -tau, tau)
     if estimator == "exact":
-        h = reward - beta * jnp.clip(ell, -tau, tau)
         inside = (jnp.abs(ell) < tau).astype(p.dtype)
         c = p * (h - jnp.sum(p * h, axis=1, keepdims=True) - beta * inside)
     else:
@@ -215,7 +216,6 @@ def _coefficients(w, phi, lp_ref, reward, u, beta, tau, estimator: str):
         last = A - 1 - jnp.argmax(jnp.flip(p, axis=1) > 0, axis=1)            # [m, P]
         y = jnp.minimum(y, last[:, None, :])
         onehot = (y[:, :, None, :] == jnp.arange(A)[None, None, :, None]).astype(p.dtype)  # [m, K, A, P]
-        h = reward - beta * jnp.clip(ell, -tau, tau)
         r = jnp.sum(onehot * h[:, None], axis=2)                              # [m, K, P]
         k = u.shape[1]
         adv = r - (jnp.sum(r, axis=1, keepdims=True) - r) / (k - 1) if estimator == "rloo" else r
@@ -251,8 +251,9 @@ def train_policies(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.A
         if spec.learner == "GA":
             g = full_gradient(w)
         else:
-            c = _coefficients(w, phi[idx], lp_ref[idx], reward[idx], u[idx], beta, tau, estimator)
-            g = _spread(c, phi[idx]) / idx.shape[0]
+            ph = phi[idx]
+            c = _coefficients(w, ph, lp_ref[idx], reward[idx], u[idx], beta, tau, estimator)
+            g = _spread(c, ph) / idx.shape[0]
         updates, opt_state = opt.update(-g, opt_state, w)  # ascent on F_S
         return (optax.apply_updates(w, updates), opt_state), None
 
