@@ -80,6 +80,18 @@ def chunk_files(folder: Path) -> dict[int, Path]:
     return out
 
 
+def _read_chunk(path: Path, *names: str) -> dict[str, np.ndarray]:
+    """The columns ``names`` (default all) of one chunk file, or :class:`LoadError` naming the file."""
+    try:
+        with np.load(path) as z:
+            if "problem" not in z.files:
+                raise ValueError("no problem column")
+            return {k: z[k] for k in (names or z.files)}
+    except Exception as err:  # a damaged file: say which, whatever numpy raised
+        raise LoadError(f"{path}: damaged chunk file ({type(err).__name__}: {err}); rerun the same "
+                        "command to recompute it") from None
+
+
 class Results:
     """Per-problem results of one spec: ``columns`` (1-D, one value per problem) and ``arrays``.
 
@@ -88,11 +100,15 @@ class Results:
     """
 
     def __init__(self, data: dict[str, np.ndarray], record: dict[str, Any], path: Path | None = None):
-        order = np.argsort(data["problem"], kind="stable") if "problem" in data else None
+        order = None
+        if "problem" in data and np.any(np.diff(data["problem"]) < 0):
+            order = np.argsort(data["problem"], kind="stable")
         self.columns: dict[str, np.ndarray] = {}
         self.arrays: dict[str, np.ndarray] = {}
-        for k, v in data.items():
-            v = v[order] if order is not None else v
+        for k in list(data):
+            v = data[k]
+            if order is not None:
+                v = data[k] = v[order]  # one reordered column at a time, the old one released
             (self.columns if v.ndim == 1 else self.arrays)[k] = v
         self.record = record
         self.path = path
@@ -108,26 +124,38 @@ class Results:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike) -> "Results":
+        """Load a run folder, holding one chunk at a time besides the results (memory ≈ results + one chunk).
+
+        Each chunk file is read twice: first only its problem numbers (to size every column), then
+        whole, copied into place and released.
+        """
         folder = Path(folder)
         if not (folder / "record.json").exists():
             raise LoadError(f"{folder} holds no record.json: not a run folder")
         record = read_json(folder / "record.json", "run record")
         if not isinstance(record.get("spec"), dict):
             raise LoadError(f"{folder / 'record.json'}: the run record is damaged (it holds no spec)")
-        files = chunk_files(folder)
+        files = [path for _, path in sorted(chunk_files(folder).items())]
         if not files:
             raise LoadError(f"{folder} holds no finished chunks: no saved results there")
-        chunks = []
-        for _, path in sorted(files.items()):
-            try:
-                with np.load(path) as z:
-                    chunks.append({k: z[k] for k in z.files})
-            except Exception as err:  # a damaged file: say which, whatever numpy raised
-                raise LoadError(f"{path}: damaged chunk file ({type(err).__name__}: {err}); rerun the same "
-                                "command to recompute it") from None
-        if any(c.keys() != chunks[0].keys() for c in chunks):
-            raise LoadError(f"{folder}: chunk files hold different columns (written by different versions?)")
-        return cls.from_chunks(chunks, record, folder)
+        first = _read_chunk(files[0])
+        layout = {k: (v.dtype, v.shape[1:]) for k, v in first.items()}
+        lengths = [len(first["problem"])] + [len(_read_chunk(path, "problem")["problem"]) for path in files[1:]]
+        total = sum(lengths)
+        data = {k: np.empty((total, *shape), dtype) for k, (dtype, shape) in layout.items()}
+        start = 0
+        for i, (path, m) in enumerate(zip(files, lengths)):
+            chunk = first if i == 0 else _read_chunk(path)
+            if chunk.keys() != layout.keys():
+                raise LoadError(f"{folder}: chunk files hold different columns (written by different versions?)")
+            for k, v in chunk.items():
+                if v.shape != (m, *layout[k][1]):
+                    raise LoadError(f"{path}: damaged chunk file (column {k} has shape {v.shape}); rerun the "
+                                    "same command to recompute it")
+                data[k][start:start + m] = v
+            start += m
+            first = chunk = None
+        return cls(data, record, folder)
 
     # ---- access -------------------------------------------------------------------------
     def __len__(self) -> int:
