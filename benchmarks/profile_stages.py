@@ -17,10 +17,11 @@ Each stage materialises its outputs, so the sum of the stages is not exactly the
 ``whole`` is the engine's chunk kernel itself. Per-problem stages run vmapped in blocks of
 ``engine.default_finish_block()`` problems (16 on CPU), as the engine runs its finishing stages.
 
-With ``--variants``: the whole kernel at several chunk sizes; the SGD stage rewritten (engine maths
-with ``lax.scan`` unrolled; and a problem-axis-last kernel with the d-contraction as multiply-adds
-along problems), checked against the engine's SGD on the same data; the draw stage under the
-``threefry2x32``, ``rbg`` and ``unsafe_rbg`` PRNGs.
+With ``--variants``: the whole kernel at several chunk sizes; the SGD stage against two rewrites
+kept from the profile that led to ``learners.train_policies`` (the per-problem maths vmapped with
+``lax.scan`` unrolled, and the problem-axis-last prototype), checked against the engine's
+``train_policies`` on the same data; the draw stage under the ``threefry2x32``, ``rbg`` and
+``unsafe_rbg`` PRNGs (the engine's prompt draws use ``counter_rng``; its keys are threefry).
 """
 
 from __future__ import annotations
@@ -81,9 +82,6 @@ def stage_functions(spec):
     def train_data(d, theta_hat):
         return learners.TrainData(d["train"].phi, d["train"].phi @ theta_hat, d["u_t"])
 
-    def sgd(d, theta_hat, idx):
-        return learners.train_policy(spec, train_data(d, theta_hat), d["world"].w_ref, idx)
-
     def sgd_batch(d, theta_hat, idx):  # all problems of the chunk at once, as the engine trains them
         data = jax.vmap(train_data)(d, theta_hat)
         return learners.train_policies(spec, data, d["world"].w_ref, idx)
@@ -111,7 +109,7 @@ def stage_functions(spec):
         out.update({f"{k}_train": v for k, v in gap.decompose(*jt, pop).items()})
         return out
 
-    return dict(draw=draw, fit=fit, sgd=sgd, sgd_batch=sgd_batch, evaluation=evaluation, evaluation_no_quantiles=evaluation_no_quantiles,
+    return dict(draw=draw, fit=fit, sgd_batch=sgd_batch, evaluation=evaluation, evaluation_no_quantiles=evaluation_no_quantiles,
                 j_hat=j_hat, train_data=train_data)
 
 
@@ -341,7 +339,7 @@ def variants(prof: dict[str, Any], chunks=(16, 32, 64, 128), repeats: int = 3, s
     reward = jnp.einsum("pnad,pd->pna", phi, fit.theta)
     u, w_ref = d["u_t"], d["world"].w_ref
     base = prof["raw"]["sgd"]["seconds"]
-    sg = {"engine_train_policy": {"ms_per_chunk": 1e3 * base, "problems_per_s": chunk / base}}
+    sg = {"engine_train_policies": {"ms_per_chunk": 1e3 * base, "problems_per_s": chunk / base}}
     for unroll in (1, 5):
         log(f"SGD variant: engine maths, unroll={unroll} ...")
         fn = jax.vmap(sgd_engine_unrolled(spec, unroll), (0, 0, 0, 0, None))

@@ -6,6 +6,7 @@
     python benchmarks/run.py --workload W2 --problems 32 --json w2.json
     python benchmarks/run.py --workload W3 --problems 20000 --json w3.json
     python benchmarks/run.py --workload profile --json profile.json     # stage breakdown of simulate
+    python benchmarks/run.py --workload scaling --json scaling.json     # 1, 2, 4 forced host devices
 
 Each workload prints one line (problems/s with the spread of the repeats, ratios to
 R1 and R2, fractions of the roofline limits, compile seconds, peak RSS) and writes
@@ -450,7 +451,7 @@ def workload_w3(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, choices=["W1", "W2", "W3", "profile"])
+    ap.add_argument("--workload", required=True, choices=["W1", "W2", "W3", "profile", "scaling"])
     ap.add_argument("--problems", type=int, help="problems (W1 4096, W2 256, W3 1,000,000 by default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     ap.add_argument("--chunk", type=int, help="problems per compiled call (engine default for W1/W3, 8 for W2)")
@@ -474,6 +475,9 @@ def main(argv=None) -> int:
     g3.add_argument("--w1-problems", type=int, default=1024, help="problems for the in-run W1 rate (0: skip)")
     gp = ap.add_argument_group("profile")
     gp.add_argument("--variants", action="store_true", help="also time alternative SGD kernels and chunk sizes")
+    gs = ap.add_argument_group("scaling")
+    gs.add_argument("--devices", help="comma-separated forced host device counts (default 1,2,4)")
+    gs.add_argument("--timeout", type=int, default=900, help="seconds before a device count is reported as hung")
     args = ap.parse_args(argv)
 
     if args.workload == "W1":
@@ -482,6 +486,9 @@ def main(argv=None) -> int:
         out = workload_w2(args)
     elif args.workload == "W3":
         out = workload_w3(args)
+    elif args.workload == "scaling":
+        import scaling
+        out = scaling.workload_scaling(args)
     else:
         import profile_stages
         out = profile_stages.main(args)

@@ -24,6 +24,7 @@ import pytest
 
 from rlhf_bounds import learners as L
 from rlhf_bounds import world as W
+from rlhf_bounds.policy import inverse_cdf
 from rlhf_bounds.spec import Spec
 from conftest import assert_close, np_inverse_cdf, np_log_ratio, np_probs, random_prompt
 
@@ -349,3 +350,29 @@ def test_train_policies_is_train_policy_per_problem(learner, estimator, d):
             got, want = np.asarray(getattr(together, name)[i]), np.asarray(getattr(alone, name))
             assert got.shape == want.shape, name
             assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("baseline", ["rloo", "none"])
+def test_batched_rollouts_never_pick_a_response_of_probability_zero(baseline):
+    """Responses whose π_w underflows to 0 in float32 are never drawn, even at u → 1 where the cdf's
+    round-off leaves cdf[-1] < u (these logits were found by search to do that): the batched
+    coefficients give the per-prompt score-function estimate (policy.inverse_cdf's draws)."""
+    logits = np.array([[-3.7771964, 4.5417714, 4.0376263, 2.343934, -300.0, -400.0],
+                       [0.9869089, -0.7757176, 4.7504187, 3.961083, -300.0, -400.0],
+                       [3.6892614, -3.316101, 3.0904655, 0.5304374, -300.0, -400.0]], np.float32)
+    phi = np.stack([logits, np.linspace(-0.5, 0.5, 18, dtype=np.float32).reshape(3, 6)], axis=-1)  # [3, 6, 2]
+    reward = np.array([[1.0, -1.0, 0.5, 2.0, 5.0, 7.0]] * 3, np.float32)
+    top = np.nextafter(np.float32(1), np.float32(0))
+    u = np.array([[top, 0.5, 0.25], [top, 0.1, 0.99], [0.3, top, 0.7]], np.float32)
+    w, w_ref = np.array([1.0, 0.0], np.float32), np.zeros(2, np.float32)
+    beta, tau = 0.5, 1.0
+    p = np.asarray(jax.nn.softmax(jnp.asarray(phi) @ w, axis=-1))
+    assert np.all(p[:, 4:] == 0) and np.all(np.cumsum(p, axis=-1, dtype=np.float32)[:, -1] < top)
+    lp_ref = jax.nn.log_softmax(jnp.asarray(phi) @ w_ref, axis=-1)
+    c = L._coefficients(jnp.asarray(w)[:, None], jnp.asarray(phi)[..., None], lp_ref[..., None],
+                        jnp.asarray(reward)[..., None], jnp.asarray(u)[..., None], beta, tau, baseline)[..., 0]
+    got = np.einsum("ma,mad->md", np.asarray(c), phi)
+    for i in range(3):
+        assert np.all(p[i][np.asarray(inverse_cdf(jnp.asarray(p[i]), jnp.asarray(u[i])))] > 0)
+        want = L.rollout_gradient(w, w_ref, phi[i], reward[i], u[i], beta, tau, baseline)
+        assert_close(got[i], want, rtol=1e-5, atol=1e-5, what=f"prompt {i}")

@@ -209,13 +209,13 @@ def _coefficients(w, phi, lp_ref, reward, u, beta, tau, estimator: str):
         inside = (jnp.abs(ell) < tau).astype(p.dtype)
         c = p * (h - jnp.sum(p * h, axis=1, keepdims=True) - beta * inside)
     else:
-        A = p.shape[1]
+        responses = jnp.arange(p.shape[1], dtype=jnp.int32)[None, :, None]   # [1, A, 1]
         cdf = jnp.cumsum(p, axis=1)                                           # [m, A, P]
-        y = jnp.sum(cdf[:, None, :, :] <= u[:, :, None, :], axis=2)           # [m, K, P]
+        y = jnp.sum(cdf[:, None, :, :] <= u[:, :, None, :], axis=2, dtype=jnp.int32)  # [m, K, P]
         # as policy.inverse_cdf: never a response of probability 0 when cdf[-1] < 1 by round-off
-        last = A - 1 - jnp.argmax(jnp.flip(p, axis=1) > 0, axis=1)            # [m, P]
+        last = jnp.max(jnp.where(p > 0, responses, 0), axis=1)                # [m, P]
         y = jnp.minimum(y, last[:, None, :])
-        onehot = (y[:, :, None, :] == jnp.arange(A)[None, None, :, None]).astype(p.dtype)  # [m, K, A, P]
+        onehot = (y[:, :, None, :] == responses[:, None]).astype(p.dtype)    # [m, K, A, P]
         r = jnp.sum(onehot * h[:, None], axis=2)                              # [m, K, P]
         k = u.shape[1]
         adv = r - (jnp.sum(r, axis=1, keepdims=True) - r) / (k - 1) if estimator == "rloo" else r
