@@ -12,6 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import numpy as np
@@ -80,6 +81,16 @@ def chunk_files(folder: Path) -> dict[int, Path]:
     return out
 
 
+def _chunk_index(path: Path) -> tuple[set[str], np.ndarray]:
+    """The column names and the problem numbers of one chunk file, or :class:`LoadError` naming the file."""
+    try:
+        with np.load(path) as z:
+            return set(z.files), z["problem"]
+    except Exception as err:  # a damaged file: say which, whatever numpy raised
+        raise LoadError(f"{path}: damaged chunk file ({type(err).__name__}: {err}); rerun the same "
+                        "command to recompute it") from None
+
+
 def _read_chunk(path: Path, *names: str) -> dict[str, np.ndarray]:
     """The columns ``names`` (default all) of one chunk file, or :class:`LoadError` naming the file."""
     try:
@@ -92,19 +103,61 @@ def _read_chunk(path: Path, *names: str) -> dict[str, np.ndarray]:
                         "command to recompute it") from None
 
 
+#: Runs whose results would take more memory than this load lazily (see :meth:`Results.from_folder`).
+LAZY_BYTES = 256 * 2**20
+
+
+class _LazyColumns(Mapping):
+    """Columns of a run folder, each read from every chunk file on first access and then kept."""
+
+    def __init__(self, files: list[Path], lengths: list[int], layout: dict, names: list[str],
+                 order: np.ndarray | None):
+        self._files, self._lengths, self._layout, self._names, self._order = files, lengths, layout, names, order
+        self._loaded: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._layout or name not in self._names:
+            raise KeyError(name)
+        if name not in self._loaded:
+            dtype, shape = self._layout[name]
+            out = np.empty((sum(self._lengths), *shape), dtype)
+            start = 0
+            for path, m in zip(self._files, self._lengths):
+                v = _read_chunk(path, name)[name]
+                if v.shape != (m, *shape):
+                    raise LoadError(f"{path}: damaged chunk file (column {name} has shape {v.shape}); rerun the "
+                                    "same command to recompute it")
+                out[start:start + m] = v
+                start += m
+            self._loaded[name] = out if self._order is None else out[self._order]
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names
+
+
 class Results:
     """Per-problem results of one spec: ``columns`` (1-D, one value per problem) and ``arrays``.
 
     ``results["gap_total"]`` is a NumPy array over problems; ``results.ok`` is
     the mask of problems with no status flag; ``results.spec`` the spec.
+    ``columns`` and ``arrays`` are mappings from name to array; for a large run
+    loaded from its folder they read each column on first access
+    (:meth:`from_folder`).
     """
 
     def __init__(self, data: dict[str, np.ndarray], record: dict[str, Any], path: Path | None = None):
         order = None
         if "problem" in data and np.any(np.diff(data["problem"]) < 0):
             order = np.argsort(data["problem"], kind="stable")
-        self.columns: dict[str, np.ndarray] = {}
-        self.arrays: dict[str, np.ndarray] = {}
+        self.columns: Mapping[str, np.ndarray] = {}
+        self.arrays: Mapping[str, np.ndarray] = {}
         for k in list(data):
             v = data[k]
             if order is not None:
@@ -112,6 +165,8 @@ class Results:
             (self.columns if v.ndim == 1 else self.arrays)[k] = v
         self.record = record
         self.path = path
+        self._len = len(next(iter(data.values()))) if data else 0
+        self._nbytes = sum(v.nbytes for v in data.values())
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -123,11 +178,15 @@ class Results:
         return cls({k: np.concatenate([c[k] for c in chunks]) for k in keys}, record, path)
 
     @classmethod
-    def from_folder(cls, folder: str | os.PathLike) -> "Results":
-        """Load a run folder, holding one chunk at a time besides the results (memory ≈ results + one chunk).
+    def from_folder(cls, folder: str | os.PathLike, lazy: bool | None = None) -> "Results":
+        """Load a run folder.
 
-        Each chunk file is read twice: first only its problem numbers (to size every column), then
-        whole, copied into place and released.
+        Eagerly (``lazy=False``), every column is filled one chunk file at a time, so memory is the
+        results plus one chunk. Lazily (``lazy=True``), only the problem numbers are read now and each
+        other column is read from the chunk files the first time it is asked for (then kept), so
+        memory grows with the columns used, not with all of them. ``lazy=None`` (the default) loads
+        lazily when the results would take more than ``LAZY_BYTES`` (256 MiB: about 220,000 W1
+        problems).
         """
         folder = Path(folder)
         if not (folder / "record.json").exists():
@@ -140,8 +199,27 @@ class Results:
             raise LoadError(f"{folder} holds no finished chunks: no saved results there")
         first = _read_chunk(files[0])
         layout = {k: (v.dtype, v.shape[1:]) for k, v in first.items()}
-        lengths = [len(first["problem"])] + [len(_read_chunk(path, "problem")["problem"]) for path in files[1:]]
+        problems = [first["problem"]]
+        for path in files[1:]:
+            names, problem = _chunk_index(path)
+            if names != set(layout):
+                raise LoadError(f"{folder}: chunk files hold different columns (written by different versions?)")
+            problems.append(problem)
+        lengths = [len(p) for p in problems]
         total = sum(lengths)
+        nbytes = sum(total * dtype.itemsize * int(np.prod(shape)) for dtype, shape in layout.values())
+        if lazy is None:
+            lazy = nbytes > LAZY_BYTES
+        if lazy:
+            problem = np.concatenate(problems)
+            order = np.argsort(problem, kind="stable") if np.any(np.diff(problem) < 0) else None
+            self = cls.__new__(cls)
+            self.columns = _LazyColumns(files, lengths, layout, [k for k, (_, s) in layout.items() if not s], order)
+            self.arrays = _LazyColumns(files, lengths, layout, [k for k, (_, s) in layout.items() if s], order)
+            self.columns._loaded["problem"] = problem if order is None else problem[order]
+            self.record, self.path, self._len, self._nbytes = record, folder, total, nbytes
+            return self
+        problems = None
         data = {k: np.empty((total, *shape), dtype) for k, (dtype, shape) in layout.items()}
         start = 0
         for i, (path, m) in enumerate(zip(files, lengths)):
@@ -159,7 +237,12 @@ class Results:
 
     # ---- access -------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(next(iter(self.columns.values())))
+        return self._len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the results take in memory once every column is loaded."""
+        return self._nbytes
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.columns:
@@ -185,7 +268,7 @@ class Results:
     def to_pandas(self):
         """The per-problem columns as a pandas DataFrame (pandas must be installed)."""
         import pandas as pd
-        return pd.DataFrame(self.columns)
+        return pd.DataFrame(dict(self.columns))
 
     def __repr__(self) -> str:
         return f"Results({len(self)} problems, {len(self.columns)} columns, spec: {self.spec.describe()})"
