@@ -111,7 +111,7 @@ def workload_scaling(args) -> dict[str, Any]:
         r["paired_z"] = z
         worst = max(worst, r["max_rel_diff_vs_first"])
         worst_z = max([worst_z, *z.values()])
-    same = worst_z <= 4.0
+    same = bool(worst_z <= 4.0)
     parts = []
     for r in rows:
         if "error" in r:

@@ -40,6 +40,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _json_default(x):
+    if isinstance(x, np.bool_):
+        return bool(x)
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):
