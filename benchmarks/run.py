@@ -7,6 +7,7 @@
     python benchmarks/run.py --workload W3 --problems 20000 --json w3.json
     python benchmarks/run.py --workload profile --json profile.json     # stage breakdown of simulate
     python benchmarks/run.py --workload scaling --json scaling.json     # 1, 2, 4 forced host devices
+    python benchmarks/run.py --workload sgd-step --json sgd_step.json   # one training step by part and chunk
 
 Each workload prints one line (problems/s with the spread of the repeats, ratios to
 R1 and R2, fractions of the roofline limits, compile seconds, peak RSS) and writes
@@ -453,7 +454,7 @@ def workload_w3(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, choices=["W1", "W2", "W3", "profile", "scaling"])
+    ap.add_argument("--workload", required=True, choices=["W1", "W2", "W3", "profile", "scaling", "sgd-step"])
     ap.add_argument("--problems", type=int, help="problems (W1 4096, W2 256, W3 1,000,000 by default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     ap.add_argument("--chunk", type=int, help="problems per compiled call (engine default for W1/W3, 8 for W2)")
@@ -480,6 +481,8 @@ def main(argv=None) -> int:
     gs = ap.add_argument_group("scaling")
     gs.add_argument("--devices", help="comma-separated forced host device counts (default 1,2,4)")
     gs.add_argument("--timeout", type=int, default=900, help="seconds before a device count is reported as hung")
+    gt = ap.add_argument_group("sgd-step")
+    gt.add_argument("--chunks", help="comma-separated chunk widths (default 32,64,128,256)")
     args = ap.parse_args(argv)
 
     if args.workload == "W1":
@@ -491,6 +494,9 @@ def main(argv=None) -> int:
     elif args.workload == "scaling":
         import scaling
         out = scaling.workload_scaling(args)
+    elif args.workload == "sgd-step":
+        import sgd_step
+        out = sgd_step.workload_sgd_step(args)
     else:
         import profile_stages
         out = profile_stages.main(args)
