@@ -430,7 +430,7 @@ def workload_w3(args) -> dict:
         w1_source = f"measured in this run on {args.w1_problems} problems"
     ratio_w1 = rate_e2e / w1_rate if w1_rate else None
     line = (f"W3 scale: {_fmt_rate(rate_e2e)} problems/s end to end ({N} problems, {n_chunks} chunks of {chunk}, "
-            f"writes and final load included; kernel+transfer only {_fmt_rate(rate_kernel or float('nan'))}/s)"
+            f"writes and the return of the results included; kernel+transfer only {_fmt_rate(rate_kernel or float('nan'))}/s)"
             + (f" = {100 * ratio_w1:.0f}% of W1's {_fmt_rate(w1_rate)}/s" if ratio_w1 else "")
             + f" | compile {compile_s:.1f} s | peak RSS {peak:,.0f} MB"
             + (f" (during chunks: first quarter {growth['rss_first_quarter_max_mb']:,.0f} MB, last quarter "
