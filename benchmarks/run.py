@@ -409,7 +409,7 @@ def workload_w3(args) -> dict:
         growth = {"rss_first_quarter_max_mb": first, "rss_last_quarter_max_mb": last,
                   "slope_mb_per_chunk": slope, "slope_mb_per_1M_problems": slope * 1e6 / chunk}
     results_bytes = res.nbytes  # without loading the columns of a lazily loaded run
-    lazy = not isinstance(res.columns, dict)
+    lazy = res.lazy
     disk_bytes = sum(p.stat().st_size for p in (folder / "chunks").glob("*.npz"))
 
     w1_rate, w1_source = None, None

@@ -56,7 +56,7 @@ def test_lazy_load_gives_the_eager_results(tmp_path, monkeypatch, lazy):
     eager = Results.from_folder(tmp_path / "run", lazy=False)
     monkeypatch.setattr(results_module, "LAZY_BYTES", 1)  # the default (lazy=None) then loads lazily
     res = Results.from_folder(tmp_path / "run", lazy=lazy)
-    assert isinstance(res.columns, dict) == (lazy is False)
+    assert isinstance(res.columns, dict) == (lazy is False) == (not res.lazy)
     assert len(res) == 8 and res.nbytes == eager.nbytes == sum(v.nbytes for v in eager.columns.values()) + \
         eager["traj_w"].nbytes
     assert set(res.columns) == set(eager.columns) and set(res.arrays) == set(eager.arrays)
@@ -91,11 +91,8 @@ def test_load_holds_one_chunk_besides_the_results(tmp_path):
     rng = np.random.default_rng(2)
     m, chunks = 5_000, 16  # 16 chunks of 5,000 problems with 1.6 KB each: 128 MB of results, 8 MB per chunk
     folder = tmp_path / "big"
-    (folder / "chunks").mkdir(parents=True)
-    for i in range(chunks):
-        with open(folder / "chunks" / f"chunk-{i:06d}.npz", "wb") as fh:
-            np.savez(fh, problem=np.arange(i * m, (i + 1) * m), traj_w=rng.normal(size=(m, 400)).astype(np.float32))
-    (folder / "record.json").write_text(json.dumps({"spec": Spec().to_dict(), "problems": m * chunks}))
+    _write(folder, [{"problem": np.arange(i * m, (i + 1) * m), "traj_w": rng.normal(size=(m, 400)).astype(np.float32)}
+                    for i in range(chunks)])
     script = textwrap.dedent(f"""
         import resource
         from rlhf_bounds import Results
@@ -118,12 +115,8 @@ def test_lazy_load_of_a_large_run_reads_only_what_is_used(tmp_path):
     rng = np.random.default_rng(4)
     m, chunks = 5_000, 16
     folder = tmp_path / "big"
-    (folder / "chunks").mkdir(parents=True)
-    for i in range(chunks):
-        with open(folder / "chunks" / f"chunk-{i:06d}.npz", "wb") as fh:
-            np.savez(fh, problem=np.arange(i * m, (i + 1) * m), gap_total=rng.normal(size=m).astype(np.float32),
-                     traj_w=rng.normal(size=(m, 400)).astype(np.float32))
-    (folder / "record.json").write_text(json.dumps({"spec": Spec().to_dict(), "problems": m * chunks}))
+    _write(folder, [{"problem": np.arange(i * m, (i + 1) * m), "gap_total": rng.normal(size=m).astype(np.float32),
+                     "traj_w": rng.normal(size=(m, 400)).astype(np.float32)} for i in range(chunks)])
     script = textwrap.dedent(f"""
         import resource
         import numpy as np

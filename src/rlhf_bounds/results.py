@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from collections.abc import Mapping
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -83,26 +84,39 @@ def chunk_files(folder: Path) -> dict[int, Path]:
     return out
 
 
-def _chunk_index(path: Path) -> tuple[set[str], np.ndarray]:
-    """The column names and the problem numbers of one chunk file, or :class:`LoadError` naming the file."""
-    try:
-        with np.load(path) as z:
-            return set(z.files), z["problem"]
-    except Exception as err:  # a damaged file: say which, whatever numpy raised
-        raise LoadError(f"{path}: damaged chunk file ({type(err).__name__}: {err}); rerun the same "
-                        "command to recompute it") from None
+def _damaged(path: Path, why: str) -> LoadError:
+    return LoadError(f"{path}: damaged chunk file ({why}); rerun the same command to recompute it")
 
 
-def _read_chunk(path: Path, *names: str) -> dict[str, np.ndarray]:
-    """The columns ``names`` (default all) of one chunk file, or :class:`LoadError` naming the file."""
+@contextmanager
+def _open_chunk(path: Path):
+    """``np.load`` of one chunk file; whatever numpy raises inside becomes a :class:`LoadError` naming it."""
     try:
         with np.load(path) as z:
             if "problem" not in z.files:
                 raise ValueError("no problem column")
-            return {k: z[k] for k in (names or z.files)}
+            yield z
     except Exception as err:  # a damaged file: say which, whatever numpy raised
-        raise LoadError(f"{path}: damaged chunk file ({type(err).__name__}: {err}); rerun the same "
-                        "command to recompute it") from None
+        raise _damaged(path, f"{type(err).__name__}: {err}") from None
+
+
+def _read_chunk(path: Path, *names: str) -> dict[str, np.ndarray]:
+    """The columns ``names`` (default all) of one chunk file."""
+    with _open_chunk(path) as z:
+        return {k: z[k] for k in (names or z.files)}
+
+
+def _chunk_index(path: Path) -> tuple[set[str], np.ndarray]:
+    """The column names and the problem numbers of one chunk file (one opening, one column read)."""
+    with _open_chunk(path) as z:
+        return set(z.files), z["problem"]
+
+
+def _place(out: np.ndarray, start: int, v: np.ndarray, rows: int, path: Path, name: str) -> None:
+    """Copy one chunk's column ``v`` (``rows`` problems) into ``out`` from row ``start``."""
+    if v.shape != (rows, *out.shape[1:]):
+        raise _damaged(path, f"column {name} has shape {v.shape}")
+    out[start:start + rows] = v
 
 
 #: Runs whose results would take more memory than this load lazily (see :meth:`Results.from_folder`).
@@ -118,18 +132,14 @@ class _LazyColumns(Mapping):
         self._loaded: dict[str, np.ndarray] = {}
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self._layout or name not in self._names:
+        if name not in self._names:
             raise KeyError(name)
         if name not in self._loaded:
             dtype, shape = self._layout[name]
             out = np.empty((sum(self._lengths), *shape), dtype)
             start = 0
             for path, m in zip(self._files, self._lengths):
-                v = _read_chunk(path, name)[name]
-                if v.shape != (m, *shape):
-                    raise LoadError(f"{path}: damaged chunk file (column {name} has shape {v.shape}); rerun the "
-                                    "same command to recompute it")
-                out[start:start + m] = v
+                _place(out, start, _read_chunk(path, name)[name], m, path, name)
                 start += m
             self._loaded[name] = out if self._order is None else out[self._order]
         return self._loaded[name]
@@ -158,17 +168,19 @@ class Results:
         order = None
         if "problem" in data and np.any(np.diff(data["problem"]) < 0):
             order = np.argsort(data["problem"], kind="stable")
-        self.columns: Mapping[str, np.ndarray] = {}
-        self.arrays: Mapping[str, np.ndarray] = {}
+        columns, arrays = {}, {}
         for k in list(data):
             v = data[k]
             if order is not None:
                 v = data[k] = v[order]  # one reordered column at a time, the old one released
-            (self.columns if v.ndim == 1 else self.arrays)[k] = v
-        self.record = record
-        self.path = path
-        self._len = len(next(iter(data.values()))) if data else 0
-        self._nbytes = sum(v.nbytes for v in data.values())
+            (columns if v.ndim == 1 else arrays)[k] = v
+        self._set(columns, arrays, record, path, len(next(iter(data.values()))) if data else 0,
+                  sum(v.nbytes for v in data.values()))
+
+    def _set(self, columns: Mapping[str, np.ndarray], arrays: Mapping[str, np.ndarray], record: dict[str, Any],
+             path: Path | None, length: int, nbytes: int) -> None:
+        self.columns, self.arrays, self.record, self.path = columns, arrays, record, path
+        self._len, self._nbytes = length, nbytes
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -208,31 +220,24 @@ class Results:
                 raise LoadError(f"{folder}: chunk files hold different columns (written by different versions?)")
             problems.append(problem)
         lengths = [len(p) for p in problems]
-        total = sum(lengths)
-        nbytes = sum(total * dtype.itemsize * int(np.prod(shape)) for dtype, shape in layout.values())
+        problem = np.concatenate(problems)
+        nbytes = sum(len(problem) * dtype.itemsize * int(np.prod(shape)) for dtype, shape in layout.values())
         if lazy is None:
             lazy = nbytes > LAZY_BYTES
         if lazy:
-            problem = np.concatenate(problems)
             order = np.argsort(problem, kind="stable") if np.any(np.diff(problem) < 0) else None
+            columns, arrays = (_LazyColumns(files, lengths, layout, [k for k, (_, s) in layout.items() if bool(s) == nd],
+                                            order) for nd in (False, True))
+            columns._loaded["problem"] = problem if order is None else problem[order]
             self = cls.__new__(cls)
-            self.columns = _LazyColumns(files, lengths, layout, [k for k, (_, s) in layout.items() if not s], order)
-            self.arrays = _LazyColumns(files, lengths, layout, [k for k, (_, s) in layout.items() if s], order)
-            self.columns._loaded["problem"] = problem if order is None else problem[order]
-            self.record, self.path, self._len, self._nbytes = record, folder, total, nbytes
+            self._set(columns, arrays, record, folder, len(problem), nbytes)
             return self
-        problems = None
-        data = {k: np.empty((total, *shape), dtype) for k, (dtype, shape) in layout.items()}
+        data = {k: np.empty((len(problem), *shape), dtype) for k, (dtype, shape) in layout.items()}
         start = 0
         for i, (path, m) in enumerate(zip(files, lengths)):
             chunk = first if i == 0 else _read_chunk(path)
-            if chunk.keys() != layout.keys():
-                raise LoadError(f"{folder}: chunk files hold different columns (written by different versions?)")
             for k, v in chunk.items():
-                if v.shape != (m, *layout[k][1]):
-                    raise LoadError(f"{path}: damaged chunk file (column {k} has shape {v.shape}); rerun the "
-                                    "same command to recompute it")
-                data[k][start:start + m] = v
+                _place(data[k], start, v, m, path, k)
             start += m
             first = chunk = None
         return cls(data, record, folder)
@@ -240,6 +245,11 @@ class Results:
     # ---- access -------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._len
+
+    @property
+    def lazy(self) -> bool:
+        """Whether columns are read from the run folder when first used (:meth:`from_folder`)."""
+        return isinstance(self.columns, _LazyColumns)
 
     @property
     def nbytes(self) -> int:
