@@ -15,7 +15,7 @@ Stages (the engine's own public functions, called in the order simulate calls th
 
 Each stage materialises its outputs, so the sum of the stages is not exactly the fused whole;
 ``whole`` is the engine's chunk kernel itself. Per-problem stages run vmapped in blocks of
-``engine.default_finish_block()`` problems (16 on CPU), as the engine runs its finishing stages.
+``simulate.default_finish_block()`` problems (16 on CPU), as the engine runs its finishing stages.
 
 With ``--variants``: the whole kernel at several chunk sizes; the SGD stage against two rewrites
 kept from the profile that led to ``learners.train_policies`` (the per-problem maths vmapped with
@@ -61,20 +61,21 @@ def _time(fn: Callable, args: tuple, repeats: int = 3) -> dict[str, float]:
 
 def stage_functions(spec):
     from rlhf_bounds import gap, learners, reward, world
+    from rlhf_bounds.simulate import problem_keys
     n, K, M = spec.prompts, spec.rollouts, spec.eval_prompts
 
     def draw(key):
-        k_world, k_pref, k_train, k_fresh, k_eval, k_post = jax.random.split(key, 6)
-        wd = world.draw_world(spec, k_world)
-        prefs = reward.draw_preferences(spec, wd, k_pref)
-        k_tp, k_tu = jax.random.split(k_train)
+        keys = problem_keys(key)  # the engine's key layout
+        wd = world.draw_world(spec, keys.world)
+        prefs = reward.draw_preferences(spec, wd, keys.preferences)
+        k_tp, k_tu = jax.random.split(keys.train)
         train = world.draw_prompts(spec, wd, k_tp, n)
-        ev = world.draw_prompts(spec, wd, k_eval, M)
-        k_fp, k_fu = jax.random.split(k_fresh)
+        ev = world.draw_prompts(spec, wd, keys.eval, M)
+        k_fp, k_fu = jax.random.split(keys.fresh)
         fresh = world.draw_prompts(spec, wd, k_fp, n)
         return dict(world=wd, pref_u=prefs.u, pref_z=prefs.z, train=train,
                     u_t=jax.random.uniform(k_tu, (n, K), F32), ev=ev, fresh=fresh,
-                    u_f=jax.random.uniform(k_fu, (n, K), F32), k_post=jax.random.key_data(k_post))
+                    u_f=jax.random.uniform(k_fu, (n, K), F32), k_post=jax.random.key_data(keys.posterior))
 
     def fit(d):
         return reward.fit_bradley_terry(d["pref_u"], d["pref_z"], spec.ridge, spec.newton_steps)
@@ -89,8 +90,8 @@ def stage_functions(spec):
     def eval_stats(d, theta_hat, w):
         wd, ev = d["world"], d["ev"]
         log_mu = jax.vmap(lambda phi: world.behaviour_log_probs(spec, wd, phi))(ev.phi)
-        return gap.prompt_stats(w, wd.w_ref, ev.phi, ev.phi @ theta_hat, world.true_reward(spec, wd, ev), log_mu,
-                                spec.beta, spec.tau), log_mu
+        evalset = gap.EvalSet(ev.phi, ev.phi @ theta_hat, world.true_reward(spec, wd, ev), log_mu)
+        return gap.prompt_stats(w, wd.w_ref, evalset, spec.beta, spec.tau), log_mu
 
     def evaluation(d, theta_hat, w):
         stats, log_mu = eval_stats(d, theta_hat, w)
@@ -98,7 +99,7 @@ def stage_functions(spec):
 
     def evaluation_no_quantiles(d, theta_hat, w):
         stats, _ = eval_stats(d, theta_hat, w)
-        return {k: jnp.mean(v) for k, v in stats._asdict().items() if v.ndim == 1}
+        return gap.population_means(stats)
 
     def j_hat(d, theta_hat, w, pop):
         wd, fr = d["world"], d["fresh"]
@@ -113,26 +114,18 @@ def stage_functions(spec):
                 j_hat=j_hat, train_data=train_data)
 
 
-def engine_core(spec, finish_block=None):
+def engine_core(spec, finish_block="auto"):
     """The engine's chunk kernel without the bound catalogue: draw, BT fit, SGD, evaluation, Ĵ, decomposition.
 
-    ``simulate.simulate_batch`` itself, traced with ``catalogue.bound_columns`` replaced by an empty
-    table, so timing it beside the whole kernel shows what the catalogue costs.
+    ``simulate.SimulateKernel(catalogue=False)`` through ``engine.chunk_kernel``, so timing it beside
+    the whole kernel shows what the catalogue costs.
     Returns per-problem results; call as ``kernel(problems_key, shared_key, idx)``.
     """
-    import importlib
-    sim = importlib.import_module("rlhf_bounds.simulate")
+    from rlhf_bounds import engine
+    from rlhf_bounds.simulate import SimulateKernel
 
-    def chunk(problems_key, shared_key, idx):
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(problems_key, idx)
-        real = sim.bound_columns
-        sim.bound_columns = lambda spec, problem: {}
-        try:
-            return sim.simulate_batch(spec, keys, shared_key, finish_block)
-        finally:
-            sim.bound_columns = real
-
-    return jax.jit(chunk)
+    kernel = SimulateKernel(finish_block, catalogue=False)
+    return jax.jit(lambda pk, sk, idx: engine.chunk_kernel(spec, pk, sk, idx, kernel=kernel))
 
 
 def catalogue_functions(spec):
@@ -157,9 +150,8 @@ def catalogue_functions(spec):
         return catalogue.Problem(**{f: avail[f] for f in catalogue.Problem._fields})
 
     fns = {"catalogue": lambda *a: catalogue.bound_columns(spec, problem(*a))}
-    for part in ("_b2_gauss", "_b2_occam"):
-        if hasattr(catalogue, part):
-            fns[f"catalogue{part}"] = (lambda f: (lambda *a: f(spec, problem(*a))))(getattr(catalogue, part))
+    for part in ("b2_gauss", "b2_occam"):
+        fns[f"catalogue_{part}"] = (lambda f: (lambda *a: f(spec, problem(*a))))(getattr(catalogue, f"{part}_columns"))
     return fns
 
 
@@ -171,7 +163,8 @@ def profile(chunk: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
     idx = jnp.arange(chunk, dtype=jnp.int32)
     keys = jax.vmap(jax.random.fold_in, (None, 0))(pk, idx)
     mb = learners.minibatch_indices(spec, sk)
-    fb = engine.default_finish_block()
+    from rlhf_bounds.simulate import default_finish_block
+    fb = default_finish_block()
 
     def V(fn, axes):
         """vmap over the chunk; in blocks of ``fb`` problems (lax.map) as the engine runs its finishing stages."""
@@ -187,7 +180,7 @@ def profile(chunk: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:
 
     res, outs = {}, {}
     log(f"whole engine kernel, chunk {chunk} ...")
-    res["whole"], _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i, finish_block=fb), (idx,), repeats)
+    res["whole"], _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i), (idx,), repeats)
     log("stages ...")
     res["draw"], d = _time(V(f["draw"], 0), (keys,), repeats)
     res["reward_fit"], fit = _time(V(f["fit"], 0), (d,), repeats)
@@ -401,7 +394,7 @@ def variants(prof: dict[str, Any], chunks=(16, 32, 64, 128), repeats: int = 3, s
     for c in chunks:
         log(f"whole kernel at chunk {c} ...")
         i = jnp.arange(c, dtype=jnp.int32)
-        t, _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i, finish_block=engine.default_finish_block()),
+        t, _ = _time(lambda i: engine.chunk_kernel(spec, pk, sk, i),
                      (i,), repeats)
         cs[c] = {"problems_per_s": c / t["seconds"], "compile_s": t["compile_s"], "s_per_chunk": t["seconds"]}
     out["chunk_size"] = cs

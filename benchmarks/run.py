@@ -40,7 +40,8 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-from rlhf_bounds.results import _json_default  # noqa: E402  (NumPy scalars, arrays and paths to JSON)
+from rlhf_bounds import store  # noqa: E402
+from rlhf_bounds.store import json_default  # noqa: E402  (NumPy scalars, arrays and paths to JSON)
 
 
 def write_json(path: str | None, data: dict) -> None:
@@ -48,7 +49,7 @@ def write_json(path: str | None, data: dict) -> None:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(data, fh, indent=2, default=_json_default)
+        json.dump(data, fh, indent=2, default=json_default)
     log(f"wrote {path}")
 
 
@@ -58,11 +59,13 @@ def write_json(path: str | None, data: dict) -> None:
 class EngineW1:
     """Times the engine's compiled chunk kernel (``engine.compile_chunk``) over N problems, end to end to host arrays."""
 
-    def __init__(self, chunk: int | None, seed: int = 0):
+    def __init__(self, chunk: int | None, seed: int = 0, kernel=None):
         import jax
         import rlhf_bounds as rb
         from rlhf_bounds import engine
+        from rlhf_bounds.simulate import KERNEL
         self.jax, self.rb, self.engine = jax, rb, engine
+        self.kernel = KERNEL if kernel is None else kernel
         self.spec = common.w1_spec(W1).validate()
         self.chunk = chunk or engine.default_chunk_size(self.spec)
         self.problems_key, self.shared_key = engine.problem_keys(seed)
@@ -70,9 +73,8 @@ class EngineW1:
         self.compile_s = None
 
     def _idx(self, lo: int, count: int):
-        idx = np.arange(lo, lo + self.chunk, dtype=np.int32)
-        idx[count:] = lo  # padding lanes repeat the first problem and are dropped (as engine.run does)
-        return self.jax.numpy.asarray(idx)
+        # padding lanes repeat the first problem and are dropped (as engine.run does)
+        return self.jax.numpy.asarray(self.engine.chunk_indices(lo, count, self.chunk))
 
     def _call(self, idx):
         return self.compiled(self.spec, self.problems_key, self.shared_key, idx)
@@ -84,7 +86,7 @@ class EngineW1:
         mesh = Mesh(np.array(self.jax.devices()[:1]), ("problems",))
         t0 = time.perf_counter()
         self.compiled = self.engine.compile_chunk(self.spec, self.problems_key, self.shared_key,
-                                                  self._idx(0, self.chunk), mesh)
+                                                  self._idx(0, self.chunk), mesh, self.kernel)
         self.compile_s = time.perf_counter() - t0
         return self.compile_s
 
@@ -101,22 +103,11 @@ class EngineW1:
 
 
 class EngineCoreW1(EngineW1):
-    """The engine's W1 pipeline minus the bound catalogue (profile_stages.engine_core), same chunking."""
+    """The engine's W1 pipeline minus the bound catalogue (``SimulateKernel(catalogue=False)``), same chunking."""
 
     def __init__(self, chunk: int | None, seed: int = 0):
-        super().__init__(chunk, seed)
-        import profile_stages
-        self.kernel = profile_stages.engine_core(self.spec, self.engine.default_finish_block())
-
-    def compile(self) -> float:
-        t0 = time.perf_counter()
-        with self.jax.threefry_partitionable(False):
-            self.compiled = self.kernel.lower(self.problems_key, self.shared_key, self._idx(0, self.chunk)).compile()
-        self.compile_s = time.perf_counter() - t0
-        return self.compile_s
-
-    def _call(self, idx):
-        return self.compiled(self.problems_key, self.shared_key, idx)
+        from rlhf_bounds.simulate import SimulateKernel
+        super().__init__(chunk, seed, kernel=SimulateKernel(catalogue=False))
 
 
 class R2W1:
@@ -371,10 +362,9 @@ def workload_w3(args) -> dict:
 
     def sampler(stop):
         t0 = time.perf_counter()
-        cdir = folder / "chunks"
         while not stop.wait(1.0):
             try:
-                done = sum(1 for p in cdir.iterdir() if p.name.endswith(".npz") and ".tmp" not in p.name)
+                done = len(store.chunk_files(folder))
             except OSError:
                 done = 0
             samples.append((time.perf_counter() - t0, common.current_rss_mb(), done, os.getloadavg()[0]))
@@ -410,7 +400,7 @@ def workload_w3(args) -> dict:
                   "slope_mb_per_chunk": slope, "slope_mb_per_1M_problems": slope * 1e6 / chunk}
     results_bytes = res.nbytes  # without loading the columns of a lazily loaded run
     lazy = res.lazy
-    disk_bytes = sum(p.stat().st_size for p in (folder / "chunks").glob("*.npz"))
+    disk_bytes = sum(p.stat().st_size for p in store.chunk_files(folder).values())
 
     w1_rate, w1_source = None, None
     if args.w1_json and Path(args.w1_json).exists():

@@ -37,8 +37,7 @@ def child(devices: int, problems: int, repeats: int, chunk: int | None, seed: in
     import common
     import jax
     import rlhf_bounds as rb
-    from rlhf_bounds._cpu_pool import cpu_pool_threads, run_devices
-    from rlhf_bounds.engine import run_identity
+    from rlhf_bounds.engine import cpu_pool_threads, run_devices, run_identity
 
     assert jax.device_count() == devices, (jax.device_count(), devices)
     spec = common.w1_spec(common.W1)

@@ -7,8 +7,8 @@ d = 16, problem axis last as in ``learners.train_policies``), timed after compil
 ``--repeats`` interleaved runs), and reported in µs per step and per problem-step:
 
 * ``gather``: the minibatch rows Φ[idx] alone;
-* ``contract+softmax``: π_w on the minibatch (``learners._contract``, log-softmax);
-* ``spread``: Σ_{m,a} c_{m,a} φ_{m,a} with fixed coefficients (``learners._spread``);
+* ``contract+softmax``: π_w on the minibatch (``learners.contract``, log-softmax);
+* ``spread``: Σ_{m,a} c_{m,a} φ_{m,a} with fixed coefficients (``learners.spread``);
 * ``contract+spread``: both, with c = π_w (the two passes over the minibatch features);
 * ``train_policies``: the engine's whole loop (rollouts, RLOO, clipped log-ratio, the 10
   checkpoint gradients), per step.
@@ -45,10 +45,10 @@ def workload_sgd_step(args) -> dict[str, Any]:
     tiny = 1e-9  # keep each part's result live without changing the shapes
     parts = {
         "gather": lambda w, phi, i: w + tiny * phi[i][0, 0],
-        "contract+softmax": lambda w, phi, i: w + tiny * jnp.sum(jnp.exp(L._log_softmax(L._contract(phi[i], w))),
+        "contract+softmax": lambda w, phi, i: w + tiny * jnp.sum(jnp.exp(L.log_softmax(L.contract(phi[i], w))),
                                                                  axis=(0, 1))[None],
-        "spread": lambda w, phi, i: w + tiny * L._spread(jnp.full((b, A, w.shape[1]), 0.1, w.dtype) + w[0], phi[i]),
-        "contract+spread": lambda w, phi, i: w + tiny * L._spread(jnp.exp(L._log_softmax(L._contract(phi[i], w))),
+        "spread": lambda w, phi, i: w + tiny * L.spread(jnp.full((b, A, w.shape[1]), 0.1, w.dtype) + w[0], phi[i]),
+        "contract+spread": lambda w, phi, i: w + tiny * L.spread(jnp.exp(L.log_softmax(L.contract(phi[i], w))),
                                                                   phi[i]),
     }
     rows = []

@@ -13,7 +13,7 @@ Per problem (THEORY.md §7 B5), built from the engine's public functions
    shared by the problems (each problem has its own data, so problems stay independent);
 5. the empirical covariance of w_t − w̄ pooled over chains and over the second half of the steps;
 6. continuous Lyapunov HΣ + ΣH = (η/b)C_g and discrete Σ = (I−ηH)Σ(I−ηH)ᵀ + (η²/b)C_g, both by
-   the eigendecomposition of H (float64), and the relative Frobenius error of the empirical
+   ``rlhf_bounds.ou``'s solvers (float64), and the relative Frobenius error of the empirical
    covariance against each.
 """
 
@@ -52,13 +52,10 @@ def w2_spec(s: W2Shape = W2):
 
 
 def lyapunov_solves(H, C_g, lr, b):
-    """(Σ_continuous, Σ_discrete) in float64 from the eigendecomposition of the symmetric H."""
-    lam, U = jnp.linalg.eigh(H)
-    Ct = U.T @ C_g @ U
-    li, lj = lam[:, None], lam[None, :]
-    cont = U @ ((lr / b) * Ct / (li + lj)) @ U.T
-    disc = U @ ((lr * lr / b) * Ct / (1.0 - (1.0 - lr * li) * (1.0 - lr * lj))) @ U.T
-    return cont, disc
+    """(Σ_continuous, Σ_discrete) in float64 by the package's solvers (``rlhf_bounds.ou``)."""
+    from rlhf_bounds import ou
+    eye = jnp.eye(H.shape[0], dtype=F64)
+    return ou.lyapunov_continuous(H, (lr / b) * C_g), ou.lyapunov_discrete(eye - lr * H, (lr * lr / b) * C_g)
 
 
 def make_kernel(s: W2Shape = W2):

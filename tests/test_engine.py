@@ -219,3 +219,91 @@ def test_multi_device_falls_back_when_pool_too_small():
     assert info["device_count"] == 4 and info["pool"] == 4, info
     assert info["used"] == 1, info
     assert len(info["warnings"]) == 1 and "PJRT_NPROC=5" in info["warnings"][0], info
+
+
+# ---- one PRNG path ----------------------------------------------------------------------------
+
+def test_simulate_is_problem_i_of_run_bit_for_bit():
+    """rb.simulate on problem i's key gives problem i of rb.run exactly (same kernel, same chunk width)."""
+    problems_key, shared_key = rb.engine.problem_keys(SEED)
+    ran = run_chunked(8)
+    for i in (0, 7, 19):
+        one = rb.simulate(SPEC, jax.random.fold_in(problems_key, i), shared_key, chunk_size=8)
+        assert set(one) == set(ran.columns) - {"problem"} | set(ran.arrays)
+        for name, value in one.items():
+            np.testing.assert_array_equal(np.asarray(value), ran[name][i], err_msg=f"problem {i}: {name}")
+
+
+def test_simulate_batch_draws_what_run_draws():
+    """Called directly (not through the engine's compile), simulate_batch draws the same θ* and data."""
+    from rlhf_bounds.simulate import prepare, simulate_batch
+    problems_key, shared_key = rb.engine.problem_keys(SEED)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(problems_key, jax.numpy.arange(4))
+    direct = jax.jit(simulate_batch)(SPEC, keys, shared_key)
+    np.testing.assert_array_equal(np.asarray(direct["theta_star"]), run_chunked(8)["theta_star"][:4])
+    # θ̂ is arithmetic on those draws (compiled in another shape): equal to float32 round-off
+    np.testing.assert_allclose(np.asarray(direct["theta_hat"]), run_chunked(8)["theta_hat"][:4], rtol=RTOL, atol=ATOL)
+    eager = prepare(SPEC, keys[2])  # eagerly, op by op: the same draws (normalised by other code: round-off)
+    np.testing.assert_allclose(np.asarray(eager.world.theta_star), run_chunked(8)["theta_star"][2], rtol=RTOL)
+    # ... which the default (partitionable) threefry would not give: the check has power.
+    with jax.threefry_partitionable(True):
+        other = prepare(SPEC, keys[2])
+    assert not np.allclose(np.asarray(other.world.theta_star), run_chunked(8)["theta_star"][2], rtol=0.1)
+
+
+# ---- the engine runs any kernel ---------------------------------------------------------------
+
+class MomentKernel:
+    """A kernel from outside the engine: the first two moments of a few normal draws per problem."""
+
+    name = "test-moments"
+
+    def __init__(self, draws: int = 16):
+        self.draws = draws
+
+    def __hash__(self):
+        return hash((self.name, self.draws))
+
+    def __eq__(self, other):
+        return isinstance(other, MomentKernel) and other.draws == self.draws
+
+    def __call__(self, spec, keys, shared_key):
+        scale = jax.numpy.asarray(spec.reward_norm, jax.numpy.float32)
+        z = jax.vmap(lambda k: jax.random.normal(k, (self.draws,), jax.numpy.float32))(keys) * scale
+        return {"mean": z.mean(axis=1), "second": (z * z).mean(axis=1), "draws": z}
+
+
+def test_engine_runs_a_kernel_from_outside(tmp_path):
+    spec = rb.Spec(reward_norm=2.0)
+    kernel = MomentKernel()
+    out = tmp_path / "moments"
+    res = rb.run(spec, 21, kernel=kernel, seed=SEED, chunk_size=8, out=out, progress=False)
+    assert len(res) == 21 and res.complete and np.all(res.ok)
+    np.testing.assert_array_equal(res["problem"], np.arange(21))
+    assert res.record["kernel"] == "test-moments"
+    # Problem i is the kernel on fold_in(problems_key, i), whatever its chunk.
+    problems_key, shared_key = rb.engine.problem_keys(SEED)
+    for i in (0, 13, 20):
+        want = 2.0 * jax.random.normal(jax.random.fold_in(problems_key, i), (16,), jax.numpy.float32)
+        np.testing.assert_allclose(res["draws"][i], np.asarray(want), rtol=1e-6)
+    assert abs(res["second"].mean() - 4.0) < 4 * 4.0 * np.sqrt(2 / (21 * 16))  # E z² = D², sd √2·D²/√N
+    # The engine added the status flags; a non-finite column is flagged.
+    bad = rb.run(spec.replace(reward_norm=3e38), 8, kernel=kernel, seed=SEED, chunk_size=8, progress=False)
+    assert np.all(bad["status"] & rb.status.STATUS_NONFINITE)
+    # Saving, loading and resuming are the engine's, for this kernel too.
+    np.testing.assert_array_equal(rb.load(out)["mean"], res["mean"])
+    again = rb.run(spec, 21, kernel=kernel, seed=SEED, chunk_size=8, out=out, progress=False)
+    assert again.record["resumed_chunks"] == 3
+    # A folder written by another kernel is refused, naming the kernel.
+    with pytest.raises(RunError, match="kernel"):
+        rb.run(spec, 21, seed=SEED, chunk_size=8, out=out, progress=False)
+
+
+def test_no_module_but_the_store_names_a_run_folder_file():
+    """The run-folder format has one owner (rlhf_bounds.store)."""
+    import pathlib
+    import re
+    src = pathlib.Path(rb.__file__).parent
+    names = re.compile(r"""["'](record\.json|study\.json|chunks|chunk-)""")
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "store.py" and names.search(p.read_text())]
+    assert offenders == []

@@ -70,7 +70,7 @@ def np_weighted_quantile(values, weights, level):
 def test_prompt_stats_brute_force(rng, tau, scale):
     m, A, d, beta = 9, 5, 3, 0.7
     args = random_eval_set(rng, m, A, d, scale)
-    stats = gap.prompt_stats(*args, beta, tau)
+    stats = gap.prompt_stats(args[0], args[1], gap.EvalSet(*args[2:]), beta, tau)
     w, w_ref, phi, rh, rs, lmu = args
     for i in range(m):
         ref = np_prompt_stats(w, w_ref, phi[i], rh[i], rs[i], lmu[i], beta, tau)
@@ -84,7 +84,7 @@ def test_prompt_stats_chi2_log_space_with_tiny_mu():
     phi = np.array([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
     w = np.array([50.0, 0.0])
     log_mu = np.log(np.array([[1e-300, 0.5, 0.5]]))
-    stats = gap.prompt_stats(w, np.zeros(2), phi, np.zeros((1, 3)), np.zeros((1, 3)), log_mu, 1.0, INF)
+    stats = gap.prompt_stats(w, np.zeros(2), gap.EvalSet(phi, np.zeros((1, 3)), np.zeros((1, 3)), log_mu), 1.0, INF)
     p = np_probs(w, phi[0])
     assert_close(stats.chi2[0], p[0] ** 2 / 1e-300 + np.sum(p[1:] ** 2 / 0.5) - 1, rtol=1e-9)
     assert_close(stats.log1p_chi2[0], np.log(p[0] ** 2 / 1e-300 + np.sum(p[1:] ** 2 / 0.5)), rtol=1e-12)
@@ -96,7 +96,8 @@ def test_prompt_stats_log1p_chi2_where_chi2_overflows():
     w = np.array([30.0, 0.0], np.float32)
     log_mu = np.array([[-200.0, np.log1p(-np.exp(-200.0))]], np.float32)
     z = np.zeros((1, 2), np.float32)
-    stats = gap.prompt_stats(w, np.zeros(2, np.float32), phi, z, z, log_mu, np.float32(1.0), np.float32(INF))
+    stats = gap.prompt_stats(w, np.zeros(2, np.float32), gap.EvalSet(phi, z, z, log_mu), np.float32(1.0),
+                             np.float32(INF))
     p = np_probs(w.astype(np.float64), phi[0].astype(np.float64))
     expected = np.logaddexp(2 * np.log(p[0]) + 200.0, 2 * np.log(p[1]) - float(log_mu[0, 1]))
     assert not np.isfinite(float(stats.chi2[0]))
@@ -106,7 +107,7 @@ def test_prompt_stats_log1p_chi2_where_chi2_overflows():
 def test_population_means_standard_errors_and_quantiles(rng):
     m, A, d, beta, tau = 40, 4, 3, 0.5, 0.6
     args = random_eval_set(rng, m, A, d, 3.0)
-    stats = gap.prompt_stats(*args, beta, tau)
+    stats = gap.prompt_stats(args[0], args[1], gap.EvalSet(*args[2:]), beta, tau)
     pop = gap.population(stats)
     w, w_ref, phi, rh, rs, lmu = args
     per = [np_prompt_stats(w, w_ref, phi[i], rh[i], rs[i], lmu[i], beta, tau) for i in range(m)]

@@ -369,10 +369,60 @@ def test_batched_rollouts_never_pick_a_response_of_probability_zero(baseline):
     p = np.asarray(jax.nn.softmax(jnp.asarray(phi) @ w, axis=-1))
     assert np.all(p[:, 4:] == 0) and np.all(np.cumsum(p, axis=-1, dtype=np.float32)[:, -1] < top)
     lp_ref = jax.nn.log_softmax(jnp.asarray(phi) @ w_ref, axis=-1)
-    c = L._coefficients(jnp.asarray(w)[:, None], jnp.asarray(phi)[..., None], lp_ref[..., None],
-                        jnp.asarray(reward)[..., None], jnp.asarray(u)[..., None], beta, tau, baseline)[..., 0]
+    batch = L.Minibatch(jnp.asarray(phi)[..., None], lp_ref[..., None], jnp.asarray(reward)[..., None],
+                        jnp.asarray(u)[..., None])
+    c = L.coefficients(jnp.asarray(w)[:, None], batch, beta, tau, baseline)[..., 0]
     got = np.einsum("ma,mad->md", np.asarray(c), phi)
     for i in range(3):
         assert np.all(p[i][np.asarray(inverse_cdf(jnp.asarray(p[i]), jnp.asarray(u[i])))] > 0)
         want = L.rollout_gradient(w, w_ref, phi[i], reward[i], u[i], beta, tau, baseline)
         assert_close(got[i], want, rtol=1e-5, atol=1e-5, what=f"prompt {i}")
+
+
+def test_learner_step_runs_many_chains_on_one_sample():
+    """The OU study's shape: several SGD chains of one problem side by side (lanes), each with its own
+    index sequence, driven by the learner's own ``step``; each chain is the learner run alone with
+    its indices (float32 round-off of another lane width allowed, as above)."""
+    spec = Spec(d=3, actions=5, prompts=24, rollouts=4, steps=60, record_every=60, batch=4, learner="SGD",
+                estimator="rloo", reward_model="oracle", beta=0.5, lr=0.5, tau=0.4).validate()
+    world, data = problem(spec, 11, sigma=0.3)
+    chains = 3
+    idx = jnp.stack([L.minibatch_indices(spec, jax.random.key(20 + c)) for c in range(chains)], axis=-1)  # [T, b, C]
+    lanes = jax.tree_util.tree_map(lambda x: jnp.stack([x] * chains), data)
+    full = L.problem_last(lanes, jnp.stack([world.w_ref] * chains))
+    init, step = L.learner(spec)
+
+    @jax.jit
+    def run(full, idx):
+        state, _ = jax.lax.scan(lambda s, i: (step(s, L.gather_lanes(full, i)), None),
+                                init(jnp.stack([world.w_ref] * chains, axis=-1)), idx)
+        return state.w.T
+
+    w = np.asarray(run(full, idx))
+    for c in range(chains):
+        alone = train(spec, data, world.w_ref, idx[..., c])
+        assert_close(w[c], alone.w_last, rtol=1e-5, atol=1e-6, what=f"chain {c}")
+    assert not np.allclose(w[0], w[1]), "chains with other indices end elsewhere"
+
+
+def test_retraining_with_one_prompt_replaced_uses_the_same_randomness():
+    """The stability study's shape: S and S' (prompt j replaced) trained side by side with the same
+    minibatch indices and rollout uniforms. A prompt that no minibatch draws leaves w bit for bit
+    unchanged; one that is drawn moves it."""
+    spec = Spec(d=3, actions=5, prompts=24, rollouts=4, steps=10, record_every=10, batch=2, learner="SGD",
+                estimator="rloo", reward_model="oracle", beta=0.5, lr=0.5, tau=0.4).validate()
+    world, data = problem(spec, 12, sigma=0.3)
+    _, other = problem(spec, 13, sigma=0.3)
+    idx = L.minibatch_indices(spec, jax.random.key(5))
+    used = set(np.asarray(idx).ravel().tolist())
+    assert len(used) < spec.prompts  # 20 draws of 24 prompts leave some undrawn (about 10 on average)
+    unused, drawn = min(set(range(spec.prompts)) - used), min(used)
+
+    def replaced(j):
+        return L.TrainData(data.phi.at[j].set(other.phi[0]), data.reward.at[j].set(other.reward[0]), data.u)
+
+    for j, moves in ((unused, False), (drawn, True)):
+        pair = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), data, replaced(j))
+        fit = jax.jit(L.train_policies)(spec, pair, jnp.stack([world.w_ref] * 2), idx)
+        same = np.array_equal(np.asarray(fit.w_last[0]), np.asarray(fit.w_last[1]))
+        assert same != moves, f"prompt {j}"

@@ -65,7 +65,7 @@ def _maths(w, w_ref, w_mu, phi, theta, beta, tau, eps):
     world = World(theta, w_mu, w_ref, jnp.zeros((d, 0), jnp.float32))
     log_mu = behaviour_log_probs(_with_eps(eps), world, phi)
     reward = phi @ theta
-    stats = gap.prompt_stats(w, w_ref, phi[None], reward[None], reward[None], log_mu[None], beta, tau)
+    stats = gap.prompt_stats(w, w_ref, gap.EvalSet(phi[None], reward[None], reward[None], log_mu[None]), beta, tau)
     return dict(
         log_probs=policy.log_probs(w, phi), probs=policy.probs(w, phi), log_ratio=policy.log_ratio(w, w_ref, phi),
         kl=policy.kl(w, w_ref, phi), clipped=policy.clipped_log_ratio(w, w_ref, phi, tau),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rlhf_bounds import LoadError, Results, Spec
-from rlhf_bounds import results as results_module
+from rlhf_bounds import store
 
 
 def _write(folder: Path, chunks: list[dict[str, np.ndarray]]) -> None:
@@ -54,7 +54,7 @@ def test_lazy_load_gives_the_eager_results(tmp_path, monkeypatch, lazy):
     chunks = [_chunk([4, 5, 6], rng), _chunk([0, 1, 2, 3], rng), _chunk([7], rng)]
     _write(tmp_path / "run", chunks)
     eager = Results.from_folder(tmp_path / "run", lazy=False)
-    monkeypatch.setattr(results_module, "LAZY_BYTES", 1)  # the default (lazy=None) then loads lazily
+    monkeypatch.setattr(store, "LAZY_BYTES", 1)  # the default (lazy=None) then loads lazily
     res = Results.from_folder(tmp_path / "run", lazy=lazy)
     assert isinstance(res.columns, dict) == (lazy is False) == (not res.lazy)
     assert len(res) == 8 and res.nbytes == eager.nbytes == sum(v.nbytes for v in eager.columns.values()) + \
@@ -120,8 +120,8 @@ def test_lazy_load_of_a_large_run_reads_only_what_is_used(tmp_path):
     script = textwrap.dedent(f"""
         import resource
         import numpy as np
-        from rlhf_bounds import Results, results
-        results.LAZY_BYTES = 64 * 2**20
+        from rlhf_bounds import Results, store
+        store.LAZY_BYTES = 64 * 2**20
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         res = Results.from_folder({str(folder)!r})
         mean = float(np.mean(res["gap_total"]))

@@ -23,17 +23,19 @@ docs/theory.md has the statements, proofs and every split of δ.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from . import bounds, gap, ou
-from .learners import TrainData
-from .policy import log_ratio
+from .gap import EvalSet
+from .learners import TrainData, batch_size
+from .policy import log_ratio, response_objective
 from .spec import Spec
 
-__all__ = ["EvalSet", "Problem", "bound_columns", "PRIOR_SCALES", "PB_SHARE", "MC_SHARE"]
+__all__ = ["EvalSet", "Problem", "bound_columns", "b2_occam_columns", "b2_gauss_columns", "PRIOR_SCALES",
+           "PB_SHARE", "MC_SHARE"]
 
 #: σ₀ grid of the Gaussian priors N(w_ref, σ₀²I) (fixed before any data; union bound over it).
 PRIOR_SCALES = tuple(0.05 * 2.0**k for k in range(8))
@@ -41,15 +43,6 @@ PRIOR_SCALES = tuple(0.05 * 2.0**k for k in range(8))
 #: equally between its two Monte Carlo events.
 PB_SHARE = 0.9
 MC_SHARE = (1.0 - PB_SHARE) / 2.0
-
-
-class EvalSet(NamedTuple):
-    """The evaluation prompts: Φ ``[M, A, d]``, r̂ and r* ``[M, A]``, log μ ``[M, A]``."""
-
-    phi: jax.Array
-    r_hat: jax.Array
-    r_star: jax.Array
-    log_mu: jax.Array
 
 
 class Problem(NamedTuple):
@@ -69,13 +62,9 @@ class Problem(NamedTuple):
     key: jax.Array           # this problem's key for the Monte Carlo draws from Q
 
 
-def _population_at(spec: Spec, p: Problem) -> Callable[[jax.Array], dict]:
-    def at(w):
-        e = p.evalset
-        stats = gap.prompt_stats(w, p.w_ref, e.phi, e.r_hat, e.r_star, e.log_mu, spec.beta, spec.tau)
-        # Means over prompts of the per-prompt values (log1p_chi2 does not average this way: skip it).
-        return {k: jnp.mean(v) for k, v in stats._asdict().items() if v.ndim == 1 and k != "log1p_chi2"}
-    return at
+def _population_at(spec: Spec, p: Problem, w) -> dict[str, jax.Array]:
+    """The population values of another policy w of this problem (no quantiles)."""
+    return gap.population_means(gap.prompt_stats(w, p.w_ref, p.evalset, spec.beta, spec.tau))
 
 
 def _train_sample_at(spec: Spec, p: Problem, w):
@@ -123,9 +112,9 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
 
     if spec.bounds == "all":
         # ---- B2 with the uniform prior on a finite grid (Occam) --------------------------
-        out.update(_b2_occam(spec, p))
+        out.update(b2_occam_columns(spec, p))
         # ---- B2 with the Gaussian (OU) posterior ---------------------------------------------
-        out.update(_b2_gauss(spec, p))
+        out.update(b2_gauss_columns(spec, p))
     return out
 
 
@@ -138,13 +127,13 @@ def _variances(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     """
     s, e = p.stats, p.evalset
     ell = jax.vmap(log_ratio, in_axes=(None, None, 0))(p.w, p.w_ref, e.phi)
-    h = e.r_hat - spec.beta * jnp.clip(ell, -spec.tau, spec.tau)
+    h = response_objective(e.r_hat, ell, spec.beta, spec.tau)
     mean_h = jnp.sum(s.prob * h, axis=-1)
     var_roll = jnp.sum(s.prob * (h - mean_h[:, None]) ** 2, axis=-1)
     return {"var_prompt": jnp.var(mean_h), "var_rollout": jnp.mean(var_roll)}
 
 
-def _b2_occam(spec: Spec, p: Problem) -> dict[str, jax.Array]:
+def b2_occam_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     """B2, uniform prior over Θ_ε, point mass at the nearest grid point w_q; KL = log|Θ_ε|."""
     n, K, beta, tau, C = spec.prompts, spec.rollouts, spec.beta, spec.tau, spec.feature_bound
     radius, spacing = spec.occam_radius, spec.occam_spacing
@@ -154,28 +143,27 @@ def _b2_occam(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     width = bounds.objective_range(p.reward_range, beta, tau, bounds.log_ratio_range(C, radius * jnp.sqrt(spec.d)))
     lo = -0.5 * width
     j_hat, j_hat_prompts = _train_sample_at(spec, p, w_q)
-    pop_q = _population_at(spec, p)(w_q)
+    pop_q = _population_at(spec, p, w_q)
     b2 = bounds.b2_sampling_bound(j_hat_prompts, kl, n, K, lo, width, spec.delta)
     shift = jnp.sqrt(1.0 + pop_q["chi2"]) * jnp.sqrt(p.pop["l2_train"])  # L²_train does not depend on w
     clip = beta * pop_q["tail_excess"]
     return {
-        "gap_total_occam": j_hat - pop_q["j_star"],
-        "gap_sampling_occam": j_hat - pop_q["j_hat_mean"],
-        "quantization_effect": jnp.abs(pop_q["j_star"] - p.pop["J_star"]),
+        "gap_total_occam": j_hat - pop_q["J_star"],
+        "gap_sampling_occam": j_hat - pop_q["J_hat_mean"],
+        "quantization_effect": jnp.abs(pop_q["J_star"] - p.pop["J_star"]),
         "b2_occam_kl": kl,
         "b2_occam_sampling": b2.total,
         "b2_occam_total": b2.total + shift + clip,
     }
 
 
-def _b2_gauss(spec: Spec, p: Problem) -> dict[str, jax.Array]:
+def b2_gauss_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     """B2, Gaussian posterior Q = N(w_S, Σ_OU + s²I) vs priors N(w_ref, σ₀²I), σ₀ ∈ PRIOR_SCALES."""
     n, K, beta, tau, delta = spec.prompts, spec.rollouts, spec.beta, spec.tau, spec.delta
     d = spec.d
     h = ou.objective_hessian(spec, p.data, p.w, p.w_ref)
     c_g = ou.gradient_covariance(spec, p.data, p.w, p.w_ref)
-    batch = 1 if spec.learner == "SGA" else (spec.prompts if spec.learner == "GA" else spec.batch)
-    sigma_ou = ou.stationary_covariance(h, c_g, spec.lr, batch)
+    sigma_ou = ou.stationary_covariance(h, c_g, spec.lr, batch_size(spec))
     cov_q = sigma_ou + spec.posterior_floor**2 * jnp.eye(d, dtype=jnp.float64)
     mean_q = jnp.asarray(p.w, jnp.float64)
     w_ref64 = jnp.asarray(p.w_ref, jnp.float64)
@@ -186,12 +174,10 @@ def _b2_gauss(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     chol = jnp.linalg.cholesky(cov_q)
     z = jax.random.normal(p.key, (spec.posterior_draws, d), jnp.float64)
     draws = (mean_q + z @ chol.T).astype(p.w.dtype)
-    popf = _population_at(spec, p)
-
     def one(w):
         j_hat, j_hat_prompts = _train_sample_at(spec, p, w)
-        q = popf(w)
-        return j_hat, j_hat_prompts, q["j_hat_mean"], q["j_star"], q["chi2"], q["tail_excess"], q["l2_train"]
+        q = _population_at(spec, p, w)
+        return j_hat, j_hat_prompts, q["J_hat_mean"], q["J_star"], q["chi2"], q["tail_excess"], q["l2_train"]
 
     j_hat, j_hat_prompts, j_hat_mean, j_star, chi2, tail, l2 = jax.vmap(one)(draws)
     width = bounds.objective_range(p.reward_range, beta, tau)  # Q's support is all of R^d: only τ bounds ℓ

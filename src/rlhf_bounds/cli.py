@@ -22,7 +22,12 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+from . import report, suites
+from .engine import check_run_options, machine_info
+from .results import load
 from .spec import FIELDS, Spec, SpecError, _range_text
+from .store import LoadError, RunError
+from .suites import DEFAULT_PROBLEMS, SUITES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -67,8 +72,6 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .suites import DEFAULT_PROBLEMS, SUITES
-
     parser = _Parser(prog="rlhf-bounds", description="Monte Carlo verification of RLHF generalisation bounds.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="run a suite of simulated RLHF problems and print the summary",
@@ -99,66 +102,22 @@ def _spec_overrides(args) -> dict:
     return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
 
 
-def check_study_folder(out: Path, study: dict, regimes: list, problems: int, seed: int, chunk_size: int | None,
-                       overwrite: bool) -> None:
-    """Refuse ``out`` before anything runs (:class:`~rlhf_bounds.engine.RunError`).
-
-    Refused: a file; a folder holding a single run (not a study); a study
-    whose record differs from ``study`` (suite, regimes, problems, seed); a
-    regime folder holding a different run; a folder that cannot be written.
-    With ``overwrite`` only the first and the last. Creates ``out`` if absent.
-    """
-    from .engine import RunError, check_folder, run_identity
-    from .results import LoadError, read_json
-
-    if out.exists() and not out.is_dir():
-        raise RunError(f"out={out} is a file, not a folder")
-    hint = "use another output folder or --overwrite"
-    if not overwrite:
-        if (out / "record.json").exists() and not (out / "study.json").exists():
-            raise RunError(f"out={out} holds a single run saved by rlhf_bounds.run, not a study; {hint}")
-        if (out / "study.json").exists():
-            try:
-                there = read_json(out / "study.json", "study record")
-            except LoadError as err:
-                raise RunError(f"out={out}: {err}; {hint}") from None
-            for key, now in study.items():
-                if there.get(key) != now:
-                    raise RunError(f"out={out} holds a study with a different {key} ({there.get(key)!r} there, "
-                                   f"{now!r} now); {hint}")
-        for name, spec in regimes:
-            identity, _ = run_identity(spec, problems, seed, chunk_size)
-            check_folder(out / name, identity)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"out={out} is not writable: {err.strerror or err}") from None
-
-
 def cmd_run(args) -> int:
-    from . import report
-    from .engine import check_run_options, machine_info
-    from .suites import run_study, suite
-
     # Everything is checked before anything is compiled or written: every spec field of every regime,
     # the run options, then the output folder.
-    regimes = suite(args.suite, **_spec_overrides(args))
+    regimes = suites.suite(args.suite, **_spec_overrides(args))
     check_run_options(args.problems, args.seed, args.chunk_size)
     if args.out is not None and not args.out.strip():
         raise SpecError("out='' is not a folder name")
     out = Path(args.out) if args.out else Path("runs") / f"{args.suite}-seed{args.seed}"
-    study = {"suite": args.suite, "regimes": [name for name, _ in regimes], "problems": args.problems,
-             "seed": args.seed}
-    check_study_folder(out, study, regimes, args.problems, args.seed, args.chunk_size, args.overwrite)
+    suites.check_study(regimes, args.problems, seed=args.seed, out=out, chunk_size=args.chunk_size,
+                       overwrite=args.overwrite, suite_name=args.suite)
 
     info = machine_info()
     print(f"rlhf-bounds run: suite {args.suite}, {len(regimes)} regime(s) × {args.problems} problems, "
           f"seed {args.seed}, on {info['backend']} ({len(info['devices'])} device(s), {info['cpu']})", flush=True)
     t0 = time.perf_counter()
-    results = run_study(regimes, args.problems, seed=args.seed, out=out, chunk_size=args.chunk_size,
+    results = suites.run_study(regimes, args.problems, seed=args.seed, out=out, chunk_size=args.chunk_size,
                         progress=not args.no_progress, overwrite=args.overwrite, suite_name=args.suite)
     elapsed = time.perf_counter() - t0
     print()
@@ -170,9 +129,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from . import report
-    from .results import load
-
     print(report.summarise(load(args.path)))
     return 0
 
@@ -202,9 +158,6 @@ def _is_float(text: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .engine import RunError
-    from .results import LoadError
-
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:

@@ -1,57 +1,60 @@
-"""The engine: runs many problems as compiled, vmapped, sharded chunks and saves them.
+"""The engine: runs a kernel over many problems as compiled, sharded chunks and saves them.
 
-This is the only module that knows about many problems. A run of ``problems``
-problems from one spec is cut into chunks; each chunk is one call of a
-compiled :func:`rlhf_bounds.simulate.simulate_batch` kernel whose problems are
-split across every device with ``shard_map`` (across hosts too once
-``jax.distributed`` is initialised). Problem i's PRNG key is ``fold_in(problems_key, i)``, so its
-results do not depend on the chunk size or the number of devices.
+This is the only module that knows about many problems. A run of ``problems`` problems from one
+spec is cut into chunks; each chunk is one call of a compiled **kernel** (default
+:data:`rlhf_bounds.simulate.KERNEL`, the whole simulation of :func:`rlhf_bounds.simulate.simulate_batch`)
+whose problems are split across every device with ``shard_map`` (across hosts too once
+``jax.distributed`` is initialised). Problem i's PRNG key is ``fold_in(problems_key, i)``.
 
-Each finished chunk is written at once, atomically (write to a temporary file,
-then rename), so an interrupted run loses no finished work: running the same
-call again resumes and skips finished chunks (the progress line says how many).
-A temporary file left by a killed run is removed, and a chunk file that cannot
-be read back, or holds other problems, is recomputed. A folder written by a
-different run (another spec, seed, problem count or chunk size) is refused
-rather than mixed in, with a message naming what differs.
+A kernel is any hashable callable ``kernel(spec, keys, shared_key) -> {name: array}`` that is a
+pure function of the spec, the P problems' keys ``[P]`` and the run's shared key, returning flat
+per-problem columns and small arrays, each with leading axis P, and that has a ``name``
+(recorded with the run). The engine gives every kernel the same chunking, sharding, progress
+bar, status flags (a ``status`` column from :func:`rlhf_bounds.status.status_code` unless the
+kernel returns its own), saving and resume.
+
+Saving goes through :mod:`rlhf_bounds.store`: each finished chunk is written at once,
+atomically, so an interrupted run loses no finished work, and running the same call again
+resumes (the progress line says how many chunks are skipped). A folder written by a different
+run (another kernel, spec, seed, problem count or chunk size) is refused rather than mixed in.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from . import __version__
-from ._cpu_pool import run_devices
-from .results import Results, chunk_files, read_record, write_json_atomic
-from .simulate import simulate_batch
+from . import store
+from ._cpu_pool import cpu_pool_threads, run_devices
+from ._version import __version__
+from .results import Results
+from .simulate import KERNEL
 from .spec import Spec, SpecError
+from .status import status_code
+from .store import RunError
 
-__all__ = ["run", "RunError", "problem_keys", "chunk_kernel", "chunk_function", "compile_chunk",
-           "default_chunk_size", "default_finish_block", "machine_info",
-           "check_run_options", "run_identity", "check_folder"]
+__all__ = ["run", "RunError", "Kernel", "kernel_name", "problem_keys", "chunk_indices", "chunk_kernel",
+           "chunk_function", "compile_chunk", "simulate_one", "default_chunk_size", "machine_info",
+           "check_run_options", "run_identity", "run_devices", "cpu_pool_threads"]
 
-RECORD = "record.json"
-CHUNKS = "chunks"
-#: Record fields that identify a run: a folder whose record differs in any of them is refused.
-IDENTITY = ("spec", "seed", "problems", "chunk_size")
+#: A kernel: ``kernel(spec, keys [P], shared_key) -> {name: [P, ...]}``, hashable, with a ``name``.
+Kernel = Callable[[Spec, jax.Array, jax.Array], dict]
 
 
-class RunError(RuntimeError):
-    """A run cannot go ahead (bad option, or an output folder that belongs to another run)."""
+def kernel_name(kernel: Kernel) -> str:
+    """The name a run records for its kernel: ``kernel.name``, else its qualified name."""
+    name = getattr(kernel, "name", None)
+    return name if isinstance(name, str) else f"{kernel.__module__}.{kernel.__qualname__}"
 
 
 def problem_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -60,33 +63,40 @@ def problem_keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)
 
 
-def _chunk(spec: Spec, problems_key: jax.Array, shared_key: jax.Array, idx: jax.Array,
-           finish_block: int | None = None) -> dict[str, jax.Array]:
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(problems_key, idx)
-    return simulate_batch(spec, keys, shared_key, finish_block)
+def chunk_indices(lo: int, count: int, chunk: int) -> np.ndarray:
+    """The problem numbers of a chunk of width ``chunk`` holding problems lo .. lo + count − 1.
 
-
-chunk_kernel = jax.jit(_chunk, static_argnames="finish_block")
-chunk_kernel.__doc__ = "jit(simulate_batch) over the problem indices ``idx`` of one chunk, on one device."
-
-
-def default_finish_block() -> int | None:
-    """Problems evaluated at once after training (see :func:`rlhf_bounds.simulate.simulate_batch`).
-
-    On CPU, 16: sixteen W1 evaluation sets (16 MB) stay in cache, and blocks of 8–16 ran
-    fastest (benchmarks/README.md). On an accelerator, the whole chunk at once.
+    Lanes past ``count`` (the last chunk of a run) repeat problem ``lo``; their results are dropped.
     """
-    return 16 if jax.default_backend() == "cpu" else None
+    idx = np.arange(lo, lo + chunk, dtype=np.int32)
+    idx[count:] = lo
+    return idx
 
 
-def chunk_function(mesh: Mesh, finish_block: int | None):
+def _with_status(spec: Spec, out: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    if "status" not in out:
+        out = {**out, "status": jax.vmap(lambda o: status_code(spec, o))(out)}
+    return out
+
+
+def _chunk(spec: Spec, problems_key: jax.Array, shared_key: jax.Array, idx: jax.Array,
+           kernel: Kernel = KERNEL) -> dict[str, jax.Array]:
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(problems_key, idx)
+    return _with_status(spec, kernel(spec, keys, shared_key))
+
+
+chunk_kernel = jax.jit(_chunk, static_argnames="kernel")
+chunk_kernel.__doc__ = "jit of ``kernel`` over the problem indices ``idx`` of one chunk, on one device."
+
+
+def chunk_function(mesh: Mesh, kernel: Kernel = KERNEL):
     """The chunk computation (spec, problems_key, shared_key, idx) → results, over every device of ``mesh``.
 
     With several devices the problem axis is split with ``shard_map``: each device simulates
     its own problems with no communication at all (a partitioned ``jit`` could split one
     problem's work across devices and insert collectives).
     """
-    body = functools.partial(_chunk, finish_block=finish_block)
+    body = lambda spec, pk, sk, idx: _chunk(spec, pk, sk, idx, kernel)
     if mesh.size == 1:
         return body
     rep, split = PartitionSpec(), PartitionSpec("problems")
@@ -99,25 +109,48 @@ _COMPILED: dict = {}
 CPU_MULTI_DEVICE_CHUNK = 32
 
 
-def compile_chunk(spec: Spec, problems_key, shared_key, gidx: jax.Array, mesh: Mesh,
-                  finish_block: int | None = None):
-    """The compiled chunk kernel that :func:`run` calls, for this static spec and chunk layout.
+def _static(spec: Spec) -> tuple:
+    return tuple(getattr(spec, name) for name in Spec.static_names())
 
-    Cached: regimes of a study that differ only in traced fields share one compilation.
-    ``finish_block`` defaults to :func:`default_finish_block`. Call it as
-    ``kernel(spec, problems_key, shared_key, gidx)``.
+
+def _compiled(cache_key, build: Callable, *args):
+    """Compile ``build`` for ``args`` once per ``cache_key``, under the classic threefry PRNG.
+
+    The classic (non-partitionable) threefry is several times faster on CPU here, and each
+    problem's draws stay whole on one device, since problems (not draws) are what is sharded.
+    The package selects it on import too, so that direct calls draw the same numbers.
     """
-    if finish_block is None:
-        finish_block = default_finish_block()
-    static = tuple(getattr(spec, name) for name in Spec.static_names())
-    cache_key = (static, gidx.shape, gidx.sharding, finish_block)
     if cache_key not in _COMPILED:
-        # The classic (non-partitionable) threefry is several times faster on CPU here, and each
-        # problem's draws stay whole on one device, since problems (not draws) are what is sharded.
         with jax.threefry_partitionable(False):
-            kernel = jax.jit(chunk_function(mesh, finish_block))
-            _COMPILED[cache_key] = kernel.lower(spec, problems_key, shared_key, gidx).compile()
+            _COMPILED[cache_key] = jax.jit(build).lower(*args).compile()
     return _COMPILED[cache_key]
+
+
+def compile_chunk(spec: Spec, problems_key, shared_key, gidx: jax.Array, mesh: Mesh, kernel: Kernel = KERNEL):
+    """The compiled chunk kernel that :func:`run` calls, for this kernel, static spec and chunk layout.
+
+    Cached: regimes of a study that differ only in traced fields share one compilation. Call
+    it as ``compiled(spec, problems_key, shared_key, gidx)``.
+    """
+    cache_key = ("chunk", kernel, _static(spec), gidx.shape, gidx.sharding)
+    return _compiled(cache_key, chunk_function(mesh, kernel), spec, problems_key, shared_key, gidx)
+
+
+def simulate_one(spec: Spec, key: jax.Array, shared_key: jax.Array, *, chunk_size: int | None = None,
+                 kernel: Kernel = KERNEL) -> dict[str, jax.Array]:
+    """One problem's results exactly as :func:`run` computes them (see :func:`rlhf_bounds.simulate`).
+
+    ``kernel`` compiled as :func:`compile_chunk` compiles it, on one device, for a chunk of
+    ``chunk_size`` problems (default :func:`default_chunk_size`) with ``key`` in every lane.
+    """
+    spec = _normalise(spec)
+    chunk = default_chunk_size(spec) if chunk_size is None else check_run_options(1, 0, chunk_size)[2]
+
+    def one(spec, key, shared_key):
+        return _with_status(spec, kernel(spec, jnp.broadcast_to(key, (chunk,)), shared_key))
+
+    compiled = _compiled(("one", kernel, _static(spec), chunk), one, spec, key, shared_key)
+    return {k: v[0] for k, v in compiled(spec, key, shared_key).items()}
 
 
 def default_chunk_size(spec: Spec) -> int:
@@ -202,90 +235,6 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _read_record(out: Path) -> dict[str, Any] | None:
-    if not (out / RECORD).exists():
-        return None
-    try:
-        record = read_record(out)
-    except (OSError, ValueError) as err:
-        raise RunError(f"out={out} holds an unreadable {RECORD} ({err}); use another output folder or "
-                       "--overwrite") from None
-    if not isinstance(record, dict):
-        raise RunError(f"out={out} holds a {RECORD} that is not a run record; use another output folder or "
-                       "--overwrite")
-    return record
-
-
-def _identity_mismatch(record: dict[str, Any], identity: dict[str, Any]) -> str | None:
-    """A description of the first identity field in which ``record`` differs from ``identity``, or None."""
-    for field in IDENTITY:
-        there, here = record.get(field), identity[field]
-        if there == here:
-            continue
-        if field == "spec" and isinstance(there, dict):
-            keys = list(here) + [k for k in there if k not in here]
-            show = lambda d, k: repr(d[k]) if k in d else "absent"
-            diffs = [f"{k}={show(there, k)} there, {show(here, k)} now" for k in keys
-                     if (k in there) != (k in here) or there.get(k) != here.get(k)]
-            return f"a different spec ({'; '.join(diffs[:3])}{'; ...' if len(diffs) > 3 else ''})"
-        return f"a different {field} ({there!r} there, {here!r} now)"
-    return None
-
-
-def check_folder(out: str | os.PathLike, identity: dict[str, Any], overwrite: bool = False) -> None:
-    """Refuse ``out`` if it is a file or holds a different run (:class:`RunError`); writes nothing.
-
-    ``identity`` is :func:`run_identity`'s first value. With ``overwrite`` a
-    different run is not refused (it will be discarded).
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"out={out} is a file, not a folder")
-    if overwrite:
-        return
-    record = _read_record(out)
-    if record is not None:
-        why = _identity_mismatch(record, identity)
-        if why:
-            raise RunError(f"out={out} holds a run with {why}; use another output folder or --overwrite")
-
-
-def _prepare_folder(out: Path, identity: dict[str, Any], overwrite: bool) -> None:
-    check_folder(out, identity, overwrite)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    try:
-        (out / CHUNKS).mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"out={out} is not writable: {err.strerror or err}") from None
-    # A run killed while writing a chunk leaves its temporary file behind: it is never read, remove it.
-    for tmp in (out / CHUNKS).glob("*.tmp.npz"):
-        tmp.unlink(missing_ok=True)
-
-
-def _check_same_columns(saved: Path, result: dict[str, np.ndarray], folder: Path) -> None:
-    """Refuse to resume into chunks with other columns (written by another version of the simulator)."""
-    with np.load(saved) as z:
-        there = set(z.files)
-    if there != set(result):
-        diff = sorted(there ^ set(result))
-        raise RunError(f"out={folder} holds chunks written by another version of the simulator (columns differ: "
-                       f"{', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''}); use another output folder or "
-                       "--overwrite")
-
-
-def _chunk_intact(path: Path, lo: int, count: int) -> bool:
-    """Whether a saved chunk file reads back and holds exactly problems lo .. lo + count − 1."""
-    try:
-        with np.load(path) as z:
-            return np.array_equal(z["problem"], np.arange(lo, lo + count))
-    except Exception:  # any damage (truncated zip, missing column) means: recompute it
-        return False
-
-
 def _global_indices(idx: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """The chunk's problem indices as one global array sharded over the problem axis (multi-host safe)."""
     return jax.make_array_from_callback(idx.shape, sharding, lambda s: idx[s])
@@ -298,39 +247,37 @@ def _to_host(tree: dict[str, jax.Array]) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in tree.items()}
 
 
-def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLike | None = None,
-        chunk_size: int | None = None, progress: bool = True, overwrite: bool = False,
-        label: str | None = None) -> Results:
-    """Simulate ``problems`` independent problems from ``spec`` and return their :class:`Results`.
+def run(spec: Spec, problems: int = 1024, *, kernel: Kernel | None = None, seed: int = 0,
+        out: str | os.PathLike | None = None, chunk_size: int | None = None, progress: bool = True,
+        overwrite: bool = False, label: str | None = None) -> Results:
+    """Run ``kernel`` (default: the whole simulation) on ``problems`` independent problems from ``spec``.
 
     With ``out`` the results are saved there chunk by chunk (and reloadable by
     :func:`rlhf_bounds.load`); rerunning the same call resumes. ``chunk_size``
-    problems are simulated per compiled call (rounded up to a multiple of the
-    device count); the results do not depend on it.
+    problems are computed per compiled call (rounded up to a multiple of the
+    device count); every problem has its own key whatever the chunking.
     """
-    identity, spec = run_identity(spec, problems, seed, chunk_size)
+    kernel = KERNEL if kernel is None else kernel
+    identity, spec = run_identity(spec, problems, seed, chunk_size, kernel)
     problems, seed, chunk = identity["problems"], identity["seed"], identity["chunk_size"]
     n_chunks = -(-problems // chunk)
     folder = Path(out) if out is not None else None
     is_writer = jax.process_index() == 0
+    fresh = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
     if folder is not None and is_writer:
-        _prepare_folder(folder, identity, overwrite)
-        record = _read_record(folder)
-        if record is None:
-            record = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
-            write_json_atomic(folder / RECORD, record)
+        record = store.prepare_run_folder(folder, identity, overwrite, fresh)
     else:
-        record = {**identity, "status": "running", "machine": machine_info(), "timings": {}}
+        record = fresh
 
     mesh = Mesh(np.array(run_devices()), ("problems",))
     sharding = NamedSharding(mesh, PartitionSpec("problems"))
     problems_key, shared_key = problem_keys(seed)
 
-    done: dict[int, dict[str, np.ndarray]] = {}
-    if folder is not None:
-        for c, path in chunk_files(folder).items():
-            if c < n_chunks and _chunk_intact(path, c * chunk, min(chunk, problems - c * chunk)):
-                done[c] = None  # loaded lazily by Results
+    done: dict[int, dict[str, np.ndarray] | None] = {}
+    saved = store.chunk_files(folder) if folder is not None else {}
+    for c, path in saved.items():
+        if c < n_chunks and store.chunk_intact(path, c * chunk, min(chunk, problems - c * chunk)):
+            done[c] = None  # loaded from the folder at the end
     todo = [c for c in range(n_chunks) if c not in done]
 
     bar = _Progress(n_chunks, label or "simulating", progress and is_writer)
@@ -338,17 +285,15 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
     chunk_seconds = []
     problems_done = 0
     bar.announce_resume(len(done), folder)
-    resumed_from = chunk_files(folder)[min(done)] if done and todo else None
+    resumed_from = saved[min(done)] if done and todo else None
     bar.update(len(done), 0)
     for c in todo:
         lo = c * chunk
         count = min(chunk, problems - lo)
-        idx = np.arange(lo, lo + chunk, dtype=np.int32)
-        idx[count:] = lo  # padding lanes repeat the first problem and are dropped
-        gidx = _global_indices(idx, sharding)
+        gidx = _global_indices(chunk_indices(lo, count, chunk), sharding)
         if compiled is None:
             t0 = time.perf_counter()
-            compiled = compile_chunk(spec, problems_key, shared_key, gidx, mesh)
+            compiled = compile_chunk(spec, problems_key, shared_key, gidx, mesh, kernel)
             compile_s = time.perf_counter() - t0
             bar.restart_clock()
         t0 = time.perf_counter()
@@ -357,10 +302,10 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
         result = {k: v[:count] for k, v in result.items()}
         result["problem"] = np.arange(lo, lo + count, dtype=np.int64)
         if resumed_from is not None:  # once: the saved chunks must hold what this code computes
-            _check_same_columns(resumed_from, result, folder)
+            store.check_same_columns(resumed_from, result, folder)
             resumed_from = None
         if folder is not None and is_writer:
-            _write_chunk(folder, c, result)
+            store.write_chunk(folder, c, result)
             done[c] = None
         else:
             done[c] = result
@@ -373,19 +318,9 @@ def run(spec: Spec, problems: int = 1024, *, seed: int = 0, out: str | os.PathLi
         record.update(timings=timings)
     record.update(status="complete", resumed_chunks=n_chunks - len(todo))
     if folder is not None and is_writer:
-        write_json_atomic(folder / RECORD, record)
+        store.write_record(folder, record)
         return Results.from_folder(folder)
     return Results.from_chunks([done[c] for c in range(n_chunks)], record)
-
-
-def _write_chunk(folder: Path, c: int, result: dict[str, np.ndarray]) -> None:
-    final = folder / CHUNKS / f"chunk-{c:06d}.npz"
-    tmp = final.with_suffix(".tmp.npz")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **result)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
 
 
 def check_run_options(problems: Any, seed: Any, chunk_size: Any = None) -> tuple[int, int, int | None]:
@@ -394,16 +329,20 @@ def check_run_options(problems: Any, seed: Any, chunk_size: Any = None) -> tuple
             None if chunk_size is None else _positive_int("chunk_size", chunk_size))
 
 
-def run_identity(spec: Spec, problems: int, seed: int = 0,
-                 chunk_size: int | None = None) -> tuple[dict[str, Any], Spec]:
+def _normalise(spec: Spec) -> Spec:
+    """The validated spec with its traced fields as Python floats (so beta=1 and beta=1.0 share a kernel)."""
+    spec = spec.validate()
+    return dataclasses.replace(spec, **{name: float(getattr(spec, name)) for name in Spec.traced_names()})
+
+
+def run_identity(spec: Spec, problems: int, seed: int = 0, chunk_size: int | None = None,
+                 kernel: Kernel = KERNEL) -> tuple[dict[str, Any], Spec]:
     """(identity, normalised spec) of a run: what a run folder's record must match to be resumed.
 
     Validates the spec and options; the chunk size is the one actually used
     (default :func:`default_chunk_size`, rounded up to a multiple of the device count).
     """
-    spec = spec.validate()
-    # Traced fields as Python floats, so that beta=1 and beta=1.0 share one compiled kernel.
-    spec = dataclasses.replace(spec, **{name: float(getattr(spec, name)) for name in Spec.traced_names()})
+    spec = _normalise(spec)
     problems, seed, chunk_size = check_run_options(problems, seed, chunk_size)
     n_dev = len(run_devices())
     if chunk_size is not None:
@@ -417,7 +356,8 @@ def run_identity(spec: Spec, problems: int, seed: int = 0,
             chunk = min(chunk, CPU_MULTI_DEVICE_CHUNK * n_dev)
         chunk = min(chunk, -(-problems // n_dev) * n_dev)  # no wider than the run (padding is wasted work)
     chunk = -(-chunk // n_dev) * n_dev
-    return {"spec": spec.to_dict(), "seed": seed, "problems": problems, "chunk_size": chunk}, spec
+    return {"kernel": kernel_name(kernel), "spec": spec.to_dict(), "seed": seed, "problems": problems,
+            "chunk_size": chunk}, spec
 
 
 def _positive_int(name: str, value: Any) -> int:

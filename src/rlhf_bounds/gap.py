@@ -18,13 +18,22 @@ import jax
 import jax.numpy as jnp
 
 from . import bounds
-from .policy import inverse_cdf, log_probs
+from .policy import inverse_cdf, log_probs, response_objective
 
-__all__ = ["QUANTILE_LEVELS", "PromptStats", "prompt_stats", "population", "sample_objective",
-           "weighted_quantiles", "decompose"]
+__all__ = ["QUANTILE_LEVELS", "EvalSet", "PromptStats", "prompt_stats", "population_means", "population",
+           "sample_objective", "weighted_quantiles", "decompose"]
 
 #: Levels at which the law of |ℓ_w| under D_w is summarised (columns ``abs_log_ratio_qXX``).
 QUANTILE_LEVELS = (0.5, 0.75, 0.9, 0.95, 0.99, 0.999)
+
+
+class EvalSet(NamedTuple):
+    """The evaluation prompts: Φ ``[M, A, d]``, r̂ and r* ``[M, A]``, log μ ``[M, A]``."""
+
+    phi: jax.Array
+    r_hat: jax.Array
+    r_star: jax.Array
+    log_mu: jax.Array
 
 
 class PromptStats(NamedTuple):
@@ -51,7 +60,7 @@ def _one_prompt(w, w_ref, phi, r_hat, r_star, log_mu, beta, tau):
     abs_ell = jnp.abs(ell)
     diff = r_hat - r_star
     return PromptStats(
-        j_hat_mean=jnp.sum(p * (r_hat - beta * ell_tau)),
+        j_hat_mean=jnp.sum(p * response_objective(r_hat, ell, beta, tau)),
         j_star=jnp.sum(p * (r_star - beta * ell)),
         reward_shift=jnp.sum(p * diff),
         clipping=beta * jnp.sum(p * (ell - ell_tau)),
@@ -66,10 +75,9 @@ def _one_prompt(w, w_ref, phi, r_hat, r_star, log_mu, beta, tau):
     )
 
 
-def prompt_stats(w, w_ref, phi, r_hat, r_star, log_mu, beta, tau) -> PromptStats:
-    """:class:`PromptStats` for m prompts: phi ``[m, A, d]``, rewards and log μ ``[m, A]``."""
-    return jax.vmap(_one_prompt, in_axes=(None, None, 0, 0, 0, 0, None, None))(
-        w, w_ref, phi, r_hat, r_star, log_mu, beta, tau)
+def prompt_stats(w, w_ref, evalset: EvalSet, beta, tau) -> PromptStats:
+    """:class:`PromptStats` of the policy w on every prompt of ``evalset`` (m prompts)."""
+    return jax.vmap(_one_prompt, in_axes=(None, None, 0, 0, 0, 0, None, None))(w, w_ref, *evalset, beta, tau)
 
 
 def weighted_quantiles(values: jax.Array, weights: jax.Array, levels) -> jax.Array:
@@ -85,25 +93,30 @@ def weighted_quantiles(values: jax.Array, weights: jax.Array, levels) -> jax.Arr
     return atoms.astype(jnp.result_type(values))
 
 
+#: Population names of the per-prompt values that average over prompts.
+_MEANS = {"j_hat_mean": "J_hat_mean", "j_star": "J_star", "reward_shift": "reward_shift", "clipping": "clipping",
+          "tail_excess": "tail_excess", "kl": "kl", "chi2": "chi2", "l2_train": "l2_train"}
+
+
+def population_means(stats: PromptStats) -> dict[str, jax.Array]:
+    """The population values of a policy: means over the evaluation prompts of its per-prompt values
+    (``J_hat_mean``, ``J_star``, ``reward_shift``, ``clipping``, ``tail_excess``, ``kl``, ``chi2``,
+    ``l2_train``). The one place population means are taken."""
+    return {name: jnp.mean(getattr(stats, field)) for field, name in _MEANS.items()}
+
+
 def population(stats: PromptStats) -> dict[str, jax.Array]:
-    """Means over the evaluation prompts (the population values) and standard errors."""
+    """:func:`population_means` with their standard errors over prompts, log(1 + χ²) and the
+    quantiles of |ℓ_w| under D_w."""
     m = stats.j_star.shape[0]
-    mean = lambda x: jnp.mean(x)
     se = lambda x: jnp.std(x) / jnp.sqrt(jnp.asarray(m, x.dtype))
-    out = {
-        "J_hat_mean": mean(stats.j_hat_mean),
-        "J_hat_mean_se": se(stats.j_hat_mean),
-        "J_star": mean(stats.j_star),
-        "J_star_se": se(stats.j_star),
-        "reward_shift": mean(stats.reward_shift),
-        "clipping": mean(stats.clipping),
-        "tail_excess": mean(stats.tail_excess),
-        "kl": mean(stats.kl),
-        "chi2": mean(stats.chi2),
+    out = population_means(stats)
+    out.update(
+        J_hat_mean_se=se(stats.j_hat_mean),
+        J_star_se=se(stats.j_star),
         # log(1 + χ²(D_w‖D_train)) = log mean_x (1 + χ²_x), in log space (χ² overflows when μ ≈ 0).
-        "log1p_chi2": jax.nn.logsumexp(stats.log1p_chi2) - jnp.log(jnp.asarray(m, stats.log1p_chi2.dtype)),
-        "l2_train": mean(stats.l2_train),
-    }
+        log1p_chi2=jax.nn.logsumexp(stats.log1p_chi2) - jnp.log(jnp.asarray(m, stats.log1p_chi2.dtype)),
+    )
     q = weighted_quantiles(stats.abs_log_ratio, stats.prob, QUANTILE_LEVELS)
     for level, value in zip(QUANTILE_LEVELS, q):
         out[f"abs_log_ratio_q{_level_name(level)}"] = value
@@ -125,7 +138,7 @@ def sample_objective(w, w_ref, phi, r_hat, u, beta, tau) -> tuple[jax.Array, jax
     def one(phi_i, r_i, u_i):
         lp = log_probs(w, phi_i)
         p = jnp.exp(lp)
-        h = r_i - beta * jnp.clip(lp - log_probs(w_ref, phi_i), -tau, tau)
+        h = response_objective(r_i, lp - log_probs(w_ref, phi_i), beta, tau)
         y = inverse_cdf(p, u_i)
         return jnp.mean(h[y]), jnp.sum(p * h)
 

@@ -6,8 +6,9 @@ approximated by dw = −H(w − w_S)dt + √(η/b) C_g^{1/2} dW, whose stationar
 is N(w_S, Σ) with HΣ + ΣH = (η/b)C_g (continuous Lyapunov; the discrete form
 Σ = (I − ηH)Σ(I − ηH)ᵀ + (η²/b)C_g is exact for the linearised recursion).
 
-Here are the per-problem pieces: H, C_g and Σ. The Lyapunov solvers live with
-the other float64 numerics in :mod:`rlhf_bounds.bounds`.
+Here are the per-problem pieces: H, C_g and Σ, and the two Lyapunov solvers
+(``lyapunov_continuous``, ``lyapunov_discrete``); :mod:`rlhf_bounds.bounds`
+re-exports the solvers with the rest of the catalogue's float64 numerics.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import bounds
-from .learners import TrainData, exact_gradient, prompt_objective, rollout_gradient, training_tau
+from .learners import TrainData, exact_gradient, gradient_estimator, prompt_objective, rollout_gradient, training_tau
 from .spec import Spec
 
-__all__ = ["objective_hessian", "prompt_gradients", "gradient_covariance", "stationary_covariance"]
+__all__ = ["objective_hessian", "prompt_gradients", "gradient_covariance", "stationary_covariance",
+           "lyapunov_continuous", "lyapunov_discrete"]
 
 
 def objective_hessian(spec: Spec, data: TrainData, w, w_ref) -> jax.Array:
@@ -42,11 +43,12 @@ def prompt_gradients(spec: Spec, data: TrainData, w, w_ref) -> jax.Array:
     prompt's own rollouts with the rloo/no baseline), as SGD does.
     """
     tau = training_tau(spec)
-    if spec.estimator == "exact" or spec.learner == "GA":
+    estimator = gradient_estimator(spec)
+    if estimator == "exact":
         return jax.vmap(exact_gradient, in_axes=(None, None, 0, 0, None, None))(
             w, w_ref, data.phi, data.reward, spec.beta, tau)
     return jax.vmap(rollout_gradient, in_axes=(None, None, 0, 0, 0, None, None, None))(
-        w, w_ref, data.phi, data.reward, data.u, spec.beta, tau, spec.estimator)
+        w, w_ref, data.phi, data.reward, data.u, spec.beta, tau, estimator)
 
 
 def gradient_covariance(spec: Spec, data: TrainData, w, w_ref) -> jax.Array:
@@ -64,4 +66,34 @@ def stationary_covariance(H, C_g, lr, batch, min_curvature=1e-3) -> jax.Array:
     """
     eigval, eigvec = jnp.linalg.eigh(jnp.asarray(H, jnp.float64))
     h_pd = (eigvec * jnp.maximum(eigval, min_curvature)) @ eigvec.T
-    return bounds.lyapunov_continuous(h_pd, (lr / batch) * jnp.asarray(C_g, jnp.float64))
+    return lyapunov_continuous(h_pd, (lr / batch) * jnp.asarray(C_g, jnp.float64))
+
+
+def lyapunov_continuous(H, C) -> jax.Array:
+    """Solve HΣ + ΣH = C for symmetric H ≻ 0 (B5 with C = (η/b)C_g) [Mandt et al. 2017].
+
+    H = U diag(λ) Uᵀ: Σ = U[(UᵀCU)_ij/(λ_i + λ_j)]Uᵀ. Shapes ``[d, d]`` → ``[d, d]``.
+    H is read as symmetric (eigh); C need not be. If some λ_i + λ_j ≤ 0 there is no
+    stationary law and the result is NaN.
+    """
+    H, C = jnp.asarray(H, jnp.float64), jnp.asarray(C, jnp.float64)
+    eigval, eigvec = jnp.linalg.eigh(H)
+    denom = eigval[:, None] + eigval[None, :]
+    rotated = eigvec.T @ C @ eigvec
+    solved = jnp.where(denom > 0, rotated / jnp.where(denom > 0, denom, 1.0), jnp.nan)
+    return eigvec @ solved @ eigvec.T
+
+
+def lyapunov_discrete(A, C) -> jax.Array:
+    """Solve Σ = AΣAᵀ + C for symmetric A with spectral radius < 1 (B5: A = I − ηH, C = (η²/b)C_g).
+
+    A = U diag(a) Uᵀ: Σ = U[(UᵀCU)_ij/(1 − a_i a_j)]Uᵀ. Shapes ``[d, d]`` → ``[d, d]``.
+    Exact stationary covariance of the linearised SGD recursion. If some a_i a_j ≥ 1
+    (η ≥ 2/λ_max(H): unstable) the result is NaN.
+    """
+    A, C = jnp.asarray(A, jnp.float64), jnp.asarray(C, jnp.float64)
+    eigval, eigvec = jnp.linalg.eigh(A)
+    denom = 1.0 - eigval[:, None] * eigval[None, :]
+    rotated = eigvec.T @ C @ eigvec
+    solved = jnp.where(denom > 0, rotated / jnp.where(denom > 0, denom, 1.0), jnp.nan)
+    return eigvec @ solved @ eigvec.T

@@ -23,6 +23,7 @@ __all__ = [
     "log_ratio",
     "kl",
     "clipped_log_ratio",
+    "response_objective",
     "clipped_log_ratio_mean",
     "clip_tail_excess",
     "objective",
@@ -58,6 +59,17 @@ def log_ratio(w: jax.Array, w_ref: jax.Array, phi: jax.Array) -> jax.Array:
 def clipped_log_ratio(w: jax.Array, w_ref: jax.Array, phi: jax.Array, tau) -> jax.Array:
     """ℓ^τ_w(x, a) = clip(ℓ_w(x, a), −τ, τ). τ = ∞ leaves ℓ unchanged. Returns ``[A]``."""
     return jnp.clip(log_ratio(w, w_ref, phi), -tau, tau)
+
+
+def response_objective(reward: jax.Array, log_ratio: jax.Array, beta, tau) -> jax.Array:
+    """h(x, a) = r(x, a) − β·clip(ℓ(x, a), −τ, τ): the per-response objective that RLHF maximises.
+
+    The one place this expression is written: the training objective F_S, the empirical objective
+    Ĵ, the gradient estimators and the variance terms of B4 are all expectations of it. τ = ∞
+    gives the exact KL penalty (clip is then the identity). Any shape; ``reward`` and
+    ``log_ratio`` broadcast.
+    """
+    return reward - beta * jnp.clip(log_ratio, -tau, tau)
 
 
 def kl(w: jax.Array, w_ref: jax.Array, phi: jax.Array) -> jax.Array:

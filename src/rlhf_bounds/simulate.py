@@ -1,28 +1,38 @@
 """One whole problem, end to end: world, reward model, policy training, exact gap.
 
-:func:`simulate` is a pure function of (spec, key, shared_key) returning a
-flat dict of per-problem results: scalars (the columns of a results table) and
-a few small arrays (weights, trajectory). :func:`simulate_batch` runs many
-problems at once (the engine compiles it once per static spec and chunk);
-a problem's results are the same whichever way it is run.
+The simulation is three public stages, each a pure function, so that a study can reuse any of
+them (the Ornstein-Uhlenbeck chains and the replace-one retraining start from :func:`prepare`
+and train with the learner's own ``step``):
+
+1. :func:`prepare` ``(spec, key) -> Prepared``: the problem's world, reward model and training
+   sample, with its PRNG keys laid out by name (:class:`ProblemKeys`);
+2. :func:`rlhf_bounds.learners.train_policies`: the policies of many problems trained together;
+3. :func:`finish` ``(spec, prepared, fit) -> columns``: population values, Ĵ, the gap terms, the
+   bound catalogue and the status flags of one problem.
+
+:func:`simulate_batch` chains them for P problems (the engine's default kernel,
+:data:`KERNEL`); :func:`simulate` gives one problem exactly as the engine computes it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from . import gap
-from .catalogue import EvalSet, Problem, bound_columns
+from .catalogue import Problem, bound_columns
+from .gap import EvalSet
 from .learners import PolicyFit, TrainData, minibatch_indices, train_policies
 from .reward import draw_preferences, fit_bradley_terry
 from .spec import Spec
 from .status import status_code
 from .world import World, behaviour_log_probs, draw_prompts, draw_world, true_reward
 
-__all__ = ["simulate", "simulate_batch", "ARRAY_FIELDS"]
+__all__ = ["ProblemKeys", "Prepared", "problem_keys", "prepare", "finish", "simulate", "simulate_batch",
+           "default_finish_block", "SimulateKernel", "KERNEL", "ARRAY_FIELDS"]
 
 F32 = jnp.float32
 
@@ -30,8 +40,25 @@ F32 = jnp.float32
 ARRAY_FIELDS = ("theta_star", "theta_hat", "w_last", "w_best", "traj_w", "traj_grad_norm")
 
 
-class _Prepared(NamedTuple):
-    """What one problem has before its policy is trained: world, reward model, training sample."""
+class ProblemKeys(NamedTuple):
+    """The PRNG keys of one problem, split from its key in this order (the layout is part of the
+    results: changing it changes every problem's draws)."""
+
+    world: jax.Array        # θ*, w_μ, the lowrank basis
+    preferences: jax.Array  # the preference pairs of the reward model
+    train: jax.Array        # the training prompts and their rollout uniforms
+    fresh: jax.Array        # the fresh sample of n prompts and K rollouts (the fixed-policy Ĵ)
+    eval: jax.Array         # the evaluation prompts (population values)
+    posterior: jax.Array    # the Monte Carlo draws from B2's Gaussian posterior
+
+
+def problem_keys(key: jax.Array) -> ProblemKeys:
+    """The named keys of the problem with PRNG ``key``."""
+    return ProblemKeys(*jax.random.split(key, len(ProblemKeys._fields)))
+
+
+class Prepared(NamedTuple):
+    """What one problem has before its policy is trained: world, reward model, training sample, keys."""
 
     world: World
     theta_hat: jax.Array
@@ -39,9 +66,7 @@ class _Prepared(NamedTuple):
     pref_u: jax.Array
     pref_z: jax.Array
     data: TrainData
-    k_fresh: jax.Array
-    k_eval: jax.Array
-    k_post: jax.Array
+    keys: ProblemKeys
 
 
 def _oracle_residual(spec: Spec):
@@ -53,40 +78,43 @@ def _reward_hat(spec: Spec, theta_hat, prompts):
     return prompts.phi @ theta_hat + _oracle_residual(spec) * prompts.xi
 
 
-def _prepare(spec: Spec, key: jax.Array) -> _Prepared:
-    """World, reward model and training sample of the problem with PRNG ``key``."""
-    k_world, k_pref, k_train, k_fresh, k_eval, k_post = jax.random.split(key, 6)
-    world = draw_world(spec, k_world)
+def prepare(spec: Spec, key: jax.Array) -> Prepared:
+    """World, reward model and training sample of the problem with PRNG ``key`` (one problem; vmap it)."""
+    keys = problem_keys(key)
+    world = draw_world(spec, keys.world)
     if spec.reward_model == "mle":
-        prefs = draw_preferences(spec, world, k_pref)
+        prefs = draw_preferences(spec, world, keys.preferences)
         fit = fit_bradley_terry(prefs.u, prefs.z, spec.ridge, spec.newton_steps)
         theta_hat, fit_grad, pref_u, pref_z = fit.theta, fit.grad_norm, prefs.u, prefs.z
     else:
         theta_hat, fit_grad = world.theta_star, jnp.zeros((), F32)
         pref_u, pref_z = jnp.zeros((0, spec.d), F32), jnp.zeros((0,), F32)
-    k_tp, k_tu = jax.random.split(k_train)
+    k_tp, k_tu = jax.random.split(keys.train)
     train = draw_prompts(spec, world, k_tp, spec.prompts)
     u = jax.random.uniform(k_tu, (spec.prompts, spec.rollouts), F32)
     data = TrainData(train.phi, _reward_hat(spec, theta_hat, train), u)
-    return _Prepared(world, theta_hat, fit_grad, pref_u, pref_z, data, k_fresh, k_eval, k_post)
+    return Prepared(world, theta_hat, fit_grad, pref_u, pref_z, data, keys)
 
 
-def _finish(spec: Spec, prep: _Prepared, fit_w: PolicyFit) -> dict[str, jax.Array]:
-    """Everything after training for one problem: population values, Ĵ, gap terms, bounds, status."""
+def finish(spec: Spec, prep: Prepared, fit_w: PolicyFit, catalogue: bool = True) -> dict[str, jax.Array]:
+    """Everything after training for one problem: population values, Ĵ, gap terms, bounds, status.
+
+    ``catalogue=False`` leaves out the bound columns (what the rest costs, for benchmarks).
+    """
     world, theta_hat, data = prep.world, prep.theta_hat, prep.data
     n, K = spec.prompts, spec.rollouts
     w = fit_w.w_last
     reward_hat = lambda prompts: _reward_hat(spec, theta_hat, prompts)
 
     # ---- population values on the evaluation set ----------------------------------------
-    ev = draw_prompts(spec, world, prep.k_eval, spec.eval_prompts)
+    ev = draw_prompts(spec, world, prep.keys.eval, spec.eval_prompts)
     log_mu = jax.vmap(lambda phi: behaviour_log_probs(spec, world, phi))(ev.phi)
     evalset = EvalSet(ev.phi, reward_hat(ev), true_reward(spec, world, ev), log_mu)
-    stats = gap.prompt_stats(w, world.w_ref, *evalset, spec.beta, spec.tau)
+    stats = gap.prompt_stats(w, world.w_ref, evalset, spec.beta, spec.tau)
     pop = gap.population(stats)
 
     # ---- Ĵ on a fresh sample (fixed policy) and on the training sample -------------------
-    k_fp, k_fu = jax.random.split(prep.k_fresh)
+    k_fp, k_fu = jax.random.split(prep.keys.fresh)
     fresh = draw_prompts(spec, world, k_fp, n)
     u_fresh = jax.random.uniform(k_fu, (n, K), F32)
     j_fresh = gap.sample_objective(w, world.w_ref, fresh.phi, reward_hat(fresh), u_fresh, spec.beta, spec.tau)
@@ -117,35 +145,76 @@ def _finish(spec: Spec, prep: _Prepared, fit_w: PolicyFit) -> dict[str, jax.Arra
         traj_w=fit_w.traj_w,
         traj_grad_norm=fit_w.traj_grad_norm,
     )
-    problem = Problem(w, world.w_ref, data, evalset, stats, pop, theta_hat, prep.pref_u, prep.pref_z,
-                      out["reward_range"], out["log_ratio_range"], prep.k_post)
-    out.update(bound_columns(spec, problem))
+    if catalogue:
+        problem = Problem(w, world.w_ref, data, evalset, stats, pop, theta_hat, prep.pref_u, prep.pref_z,
+                          out["reward_range"], out["log_ratio_range"], prep.keys.posterior)
+        out.update(bound_columns(spec, problem))
     # Last, over every column: nothing non-finite leaves a problem without a flag.
     out["status"] = status_code(spec, out)
     return out
 
 
-def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array,
-                   finish_block: int | None = None) -> dict[str, jax.Array]:
+def default_finish_block() -> int | None:
+    """Problems evaluated at once after training (see :func:`simulate_batch`).
+
+    On CPU, 16: sixteen W1 evaluation sets (16 MB) stay in cache, and blocks of 8–16 ran
+    fastest (benchmarks/README.md). On an accelerator, the whole chunk at once.
+    """
+    return 16 if jax.default_backend() == "cpu" else None
+
+
+def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array, finish_block: int | None | str = "auto",
+                   catalogue: bool = True) -> dict[str, jax.Array]:
     """:func:`simulate` for P problems at once: ``keys`` ``[P]``, every result with a leading axis P.
 
-    Three stages: each problem's world, reward model and training sample (``vmap``); the
-    policies of all P problems trained together by :func:`rlhf_bounds.learners.train_policies`
-    (problem axis last inside its loop, which is where vectorising across problems pays); then
-    each problem's evaluation, gap terms and bounds, ``vmap``-ed over blocks of ``finish_block``
-    problems at a time (``lax.map``), so that the evaluation sets in flight stay small enough for
-    the cache. A problem's results do not depend on P or on ``finish_block``.
+    The three stages: :func:`prepare` for each problem (``vmap``); the policies of all P
+    problems trained together by :func:`rlhf_bounds.learners.train_policies` (problem axis last
+    inside its loop, which is where vectorising across problems pays); then :func:`finish` for
+    each problem, ``vmap``-ed over blocks of ``finish_block`` problems at a time (``lax.map``;
+    ``"auto"``: :func:`default_finish_block`), so that the evaluation sets in flight stay small
+    enough for the cache. ``catalogue=False`` leaves out the bound columns.
+
+    No arithmetic runs across problems, so a problem's values do not depend on the others in
+    its batch; in float32 they can depend on the batch width P by round-off, since XLA
+    vectorises the problem axis differently for other widths (docs/engine.md).
     """
-    prep = jax.vmap(lambda k: _prepare(spec, k))(keys)
+    if finish_block == "auto":
+        finish_block = default_finish_block()
+    prep = jax.vmap(lambda k: prepare(spec, k))(keys)
     fit = train_policies(spec, prep.data, prep.world.w_ref, minibatch_indices(spec, shared_key))
-    finish = lambda args: _finish(spec, *args)
+    finish_one = lambda args: finish(spec, *args, catalogue=catalogue)
     P = keys.shape[0]
     if finish_block is None or finish_block >= P:
-        return jax.vmap(finish)((prep, fit))
-    return jax.lax.map(finish, (prep, fit), batch_size=finish_block)
+        return jax.vmap(finish_one)((prep, fit))
+    return jax.lax.map(finish_one, (prep, fit), batch_size=finish_block)
 
 
-def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax.Array]:
+@dataclasses.dataclass(frozen=True)
+class SimulateKernel:
+    """The engine's default kernel: :func:`simulate_batch` as a per-chunk computation.
+
+    A kernel is a hashable callable ``kernel(spec, keys [P], shared_key) -> {name: [P, ...]}``
+    with a ``name`` (recorded with the run; a folder written by another kernel is refused).
+    ``catalogue=False`` gives the simulator without the bound columns (for benchmarks).
+    """
+
+    finish_block: int | None | str = "auto"
+    catalogue: bool = True
+
+    @property
+    def name(self) -> str:
+        return "simulate" if self.catalogue else "simulate-no-catalogue"
+
+    def __call__(self, spec: Spec, keys: jax.Array, shared_key: jax.Array) -> dict[str, jax.Array]:
+        return simulate_batch(spec, keys, shared_key, self.finish_block, self.catalogue)
+
+
+#: The kernel ``rlhf_bounds.run`` runs unless told otherwise.
+KERNEL = SimulateKernel()
+
+
+def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array, *, chunk_size: int | None = None
+             ) -> dict[str, jax.Array]:
     """Simulate one problem drawn from ``spec`` with PRNG ``key``.
 
     ``shared_key`` draws what all problems of a run may share without losing
@@ -153,8 +222,15 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array) -> dict[str, jax
     decomposition columns for the fixed-policy case (a fresh sample of n
     prompts and K rollouts drawn after training) and, with suffix ``_train``,
     on the training sample itself; the quantities later bounds need; the
-    problem's parameters; and a ``status`` code. It is :func:`simulate_batch`
-    with one problem (the engine calls that directly).
+    problem's parameters; and a ``status`` code.
+
+    It is the engine's own computation of one problem: the compiled chunk kernel of
+    :func:`rlhf_bounds.engine.compile_chunk` with ``key`` in every lane of a chunk of
+    ``chunk_size`` problems (default: the chunk :func:`rlhf_bounds.engine.default_chunk_size`
+    gives), so that problem i of ``rlhf_bounds.run(spec, problems, seed=s, chunk_size=c)``
+    equals ``simulate(spec, fold_in(problems_key, i), shared_key, chunk_size=c)`` bit for bit,
+    with ``(problems_key, shared_key) = rlhf_bounds.engine.problem_keys(s)``.
     """
-    out = simulate_batch(spec, key[None], shared_key)
-    return {k: v[0] for k, v in out.items()}
+    from . import engine  # the engine imports this module
+
+    return engine.simulate_one(spec, key, shared_key, chunk_size=chunk_size)

@@ -12,11 +12,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from .engine import run
-from .results import StudyResults, write_json_atomic
+from . import store
+from .engine import Kernel, run, run_identity
+from .results import StudyResults
+from .simulate import KERNEL
 from .spec import Spec, SpecError
 
-__all__ = ["SUITES", "suite", "run_study", "DEFAULT_PROBLEMS"]
+__all__ = ["SUITES", "suite", "run_study", "check_study", "study_record", "DEFAULT_PROBLEMS"]
 
 DEFAULT_PROBLEMS = 1024
 
@@ -60,24 +62,52 @@ def suite(name: str, **overrides: Any) -> list[tuple[str, Spec]]:
     return [(rname, spec.replace(**overrides) if overrides else spec) for rname, spec in regimes]
 
 
-def run_study(regimes: list[tuple[str, Spec]] | str, problems: int = DEFAULT_PROBLEMS, *, seed: int = 0,
-              out: str | os.PathLike | None = None, chunk_size: int | None = None, progress: bool = True,
-              overwrite: bool = False, suite_name: str | None = None) -> StudyResults:
-    """Run every regime of a study (a suite name or a list of (name, spec)) and return all results."""
-    if isinstance(regimes, str):
-        suite_name = suite_name or regimes
-        regimes = suite(regimes)
+def study_record(regimes: list[tuple[str, Spec]], problems: int, seed: int, suite_name: str | None = None
+                 ) -> dict[str, Any]:
+    """The record a study folder holds (what a rerun into it must match to resume)."""
     names = [name for name, _ in regimes]
     if len(set(names)) != len(names):
         raise SpecError(f"regime names must be unique, got {names}")
+    return {"suite": suite_name or "custom", "regimes": names, "problems": problems, "seed": seed}
+
+
+def check_study(regimes: list[tuple[str, Spec]], problems: int, *, seed: int = 0,
+                out: str | os.PathLike | None = None, chunk_size: int | None = None, overwrite: bool = False,
+                suite_name: str | None = None, kernel: Kernel = KERNEL) -> dict[str, Any]:
+    """Check a study before anything runs: every regime's spec and options, and the output folder.
+
+    Returns the study record. Raises :class:`~rlhf_bounds.spec.SpecError` or
+    :class:`~rlhf_bounds.store.RunError` (a folder holding another run or study, or not writable).
+    """
+    record = study_record(regimes, problems, seed, suite_name)
+    identities = {name: run_identity(spec, problems, seed, chunk_size, kernel)[0] for name, spec in regimes}
+    if out is not None:
+        store.check_study_folder(out, record, identities, overwrite)
+        store.check_writable(Path(out))
+    return record
+
+
+def run_study(regimes: list[tuple[str, Spec]] | str, problems: int = DEFAULT_PROBLEMS, *, seed: int = 0,
+              out: str | os.PathLike | None = None, chunk_size: int | None = None, progress: bool = True,
+              overwrite: bool = False, suite_name: str | None = None, kernel: Kernel | None = None
+              ) -> StudyResults:
+    """Run every regime of a study (a suite name or a list of (name, spec)) and return all results.
+
+    Everything is checked (:func:`check_study`) before the first regime runs.
+    """
+    if isinstance(regimes, str):
+        suite_name = suite_name or regimes
+        regimes = suite(regimes)
+    kernel = KERNEL if kernel is None else kernel
+    record = check_study(regimes, problems, seed=seed, out=out, chunk_size=chunk_size, overwrite=overwrite,
+                         suite_name=suite_name, kernel=kernel)
     folder = Path(out) if out is not None else None
-    record = {"suite": suite_name or "custom", "regimes": names, "problems": problems, "seed": seed}
     if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "study.json", record)
+        store.prepare_study_folder(folder, record)
     results = {}
     for i, (name, spec) in enumerate(regimes):
-        results[name] = run(spec, problems, seed=seed, out=None if folder is None else folder / name,
+        results[name] = run(spec, problems, kernel=kernel, seed=seed,
+                            out=None if folder is None else store.regime_folder(folder, name),
                             chunk_size=chunk_size, progress=progress, overwrite=overwrite,
                             label=f"[{i + 1}/{len(regimes)}] {name}")
     return StudyResults(results, record, folder)
