@@ -18,7 +18,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class W1Shape:
-    """W1 `train-eval` (PERFORMANCE.md): one problem's static shape and its traced constants."""
+    """W1 `train-eval` (benchmarks/README.md): one problem's static shape and its traced constants."""
 
     d: int = 16
     A: int = 8
@@ -57,7 +57,7 @@ def w1_spec(shape: W1Shape = W1):
                    estimator="rloo", train_log_ratio="clipped", tau=shape.tau, reward_model="mle",
                    record_every=shape.record_every, beta=shape.beta, reward_norm=shape.D, feature_bound=shape.C,
                    lr=shape.lr, ridge=shape.ridge, mix_eps=shape.mix_eps, shift=shape.shift, delta=shape.delta,
-                   bounds="b1")  # W1 computes the B1 terms (PERFORMANCE.md), not the PAC-Bayes posteriors
+                   bounds="b1")  # W1 computes the B1 terms (benchmarks/README.md), not the PAC-Bayes posteriors
 
 
 # ---- the machine ------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def rate_summary(problems: int, seconds: list[float], cpu: list[float] | None = 
     return out
 
 
-# ---- B1 (THEORY §7), float64 from per-problem columns -----------------------------------------
+# ---- B1 (docs/theory.md §4–§9), float64 from per-problem columns -----------------------------------------
 def b1_terms(shape: W1Shape, reward_range, chi2, l2_train, tail_excess) -> dict[str, np.ndarray]:
     """B1's three terms: W_τ α, √(1+χ²)√L², β E(|ℓ|−τ)_+, with W_τ = range(r̂) + 2βτ."""
     reward_range = np.asarray(reward_range, np.float64)

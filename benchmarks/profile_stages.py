@@ -128,13 +128,9 @@ def engine_core(spec, finish_block="auto"):
     return jax.jit(lambda pk, sk, idx: engine.chunk_kernel(spec, pk, sk, idx, kernel=kernel))
 
 
-def catalogue_functions(spec):
-    """(bound_columns, {part: fn}) of the engine's catalogue for a problem built like simulate does, or None."""
-    try:
-        from rlhf_bounds import catalogue
-    except ImportError:
-        return None
-    from rlhf_bounds import learners
+def problem_builder(spec):
+    """A function (stage data of one problem) → ``catalogue.Problem``, built as ``simulate.finish`` builds it."""
+    from rlhf_bounds import catalogue, learners
 
     def problem(d, theta_hat, fit_grad, w, stats, pop, log_mu):
         wd, ev = d["world"], d["ev"]
@@ -145,14 +141,97 @@ def catalogue_functions(spec):
         key = jax.random.wrap_key_data(d["k_post"])
         # by field name: the Problem tuple gains and loses fields as the catalogue grows
         avail = dict(w=w, w_ref=wd.w_ref, data=data, evalset=evalset, stats=stats, pop=pop, theta_hat=theta_hat,
+                     theta_star=wd.theta_star,
                      pref_u=d["pref_u"], pref_z=d["pref_z"], fit_grad_norm=fit_grad, reward_range=rr,
                      log_ratio_range=lr_range, key=key)
         return catalogue.Problem(**{f: avail[f] for f in catalogue.Problem._fields})
+    return problem
 
+
+def catalogue_functions(spec):
+    """(bound_columns, {part: fn}) of the engine's catalogue for a problem built like simulate does, or None."""
+    try:
+        from rlhf_bounds import catalogue
+    except ImportError:
+        return None
+    problem = problem_builder(spec)
     fns = {"catalogue": lambda *a: catalogue.bound_columns(spec, problem(*a))}
     for part in ("b2_gauss", "b2_occam"):
         fns[f"catalogue_{part}"] = (lambda f: (lambda *a: f(spec, problem(*a))))(getattr(catalogue, f"{part}_columns"))
     return fns
+
+
+def catalogue_parts(spec) -> dict[str, Callable]:
+    """The bound catalogue by part, each a function of a ``catalogue.Problem`` (``spec.bounds`` = 'all').
+
+    Top level: every bound, the ``bounds='b1'`` set (B1, B7, B3, B4 inputs), B2 Occam, B2 Gaussian;
+    then the Gaussian posterior's pieces, as far as this version of the catalogue names them.
+    """
+    from rlhf_bounds import catalogue, learners, ou
+    b1 = spec.replace(bounds="b1")
+    parts = {
+        "every bound (bounds='all')": lambda p: catalogue.bound_columns(spec, p),
+        "B1, B1 certified + B7, B3, B4 inputs (bounds='b1')": lambda p: catalogue.bound_columns(b1, p),
+        "B2 Occam": lambda p: catalogue.b2_occam_columns(spec, p),
+        "B2 Gaussian": lambda p: catalogue.b2_gauss_columns(spec, p),
+    }
+    if hasattr(catalogue, "gauss_posterior"):
+        parts["B2 Gaussian: posterior (H, C_g, Σ_OU, KL grid)"] = lambda p: catalogue.gauss_posterior(spec, p)
+        parts["B2 Gaussian: posterior and Monte Carlo draws"] = lambda p: catalogue.gauss_draws(
+            spec, p, catalogue.gauss_posterior(spec, p))
+    else:
+        parts["B2 Gaussian: posterior (H, C_g, Σ_OU)"] = lambda p: ou.stationary_covariance(
+            ou.objective_hessian(spec, p.data, p.w, p.w_ref), ou.gradient_covariance(spec, p.data, p.w, p.w_ref),
+            spec.lr, learners.batch_size(spec))
+    parts["B2 Gaussian: H alone (-∇²F_S)"] = lambda p: ou.objective_hessian(spec, p.data, p.w, p.w_ref)
+    return parts
+
+
+def catalogue_profile(chunk: int = 64, repeats: int = 3, seed: int = 0, bounds: str = "all") -> dict[str, Any]:
+    """Each part of the bound catalogue timed alone (jit of ``catalogue_parts``, in the engine's finishing
+    blocks) on ``chunk`` W1 problems drawn and trained as the engine does; ms per problem and share of the
+    whole catalogue."""
+    from rlhf_bounds import engine, learners
+    from rlhf_bounds.simulate import default_finish_block
+    spec = common.w1_spec(W1).replace(bounds=bounds).validate()
+    f = stage_functions(spec)
+    pk, sk = engine.problem_keys(seed)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(pk, jnp.arange(chunk, dtype=jnp.int32))
+    mb = learners.minibatch_indices(spec, sk)
+    fb = default_finish_block() or chunk
+    with jax.threefry_partitionable(False):
+        d = jax.jit(jax.vmap(f["draw"]))(keys)
+        fit = jax.jit(jax.vmap(f["fit"]))(d)
+        pol = jax.jit(f["sgd_batch"])(d, fit.theta, mb)
+        pop, stats, log_mu = jax.jit(jax.vmap(f["evaluation"]))(d, fit.theta, pol.w_last)
+        args = (d, fit.theta, fit.grad_norm, pol.w_last, stats, pop, log_mu)
+        problem = problem_builder(spec)
+        nb = chunk // fb if chunk % fb == 0 else 1
+        size = chunk // nb
+
+        def blocked(g):
+            def run(*a):
+                a = jax.tree_util.tree_map(lambda x: x.reshape((nb, size) + x.shape[1:]), a)
+                out = jax.lax.map(lambda x: jax.vmap(lambda *y: g(problem(*y)))(*x), a)
+                return jax.tree_util.tree_map(lambda y: y.reshape((chunk,) + y.shape[2:]), out)
+            return run
+
+        rows = {}
+        for name, g in catalogue_parts(spec).items():
+            log(f"catalogue part {name} ...")
+            t, _ = _time(blocked(g), args, repeats)
+            rows[name] = {"ms_per_problem": 1e3 * t["seconds"] / chunk, "compile_s": t["compile_s"]}
+    whole = rows["every bound (bounds='all')"]["ms_per_problem"]
+    for v in rows.values():
+        v["share_of_catalogue"] = v["ms_per_problem"] / whole
+    return {"chunk": chunk, "finish_block": size, "parts": rows}
+
+
+def catalogue_lines(prof: dict[str, Any]) -> list[str]:
+    out = [f"catalogue by part ({prof['chunk']} W1 problems, blocks of {prof['finish_block']}, each part alone):"]
+    for name, v in prof["parts"].items():
+        out.append(f"  {name:54s} {v['ms_per_problem']:7.3f} ms/problem  {100 * v['share_of_catalogue']:5.1f}%")
+    return out
 
 
 def profile(chunk: int, repeats: int = 3, seed: int = 0) -> dict[str, Any]:

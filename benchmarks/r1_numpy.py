@@ -1,7 +1,7 @@
 """R1: the W1 algorithm written the way a careful user would in NumPy.
 
 Vectorised over a block of problems with einsum (problem axis first), float32,
-with the same counts of steps and samples as the engine's W1 (PERFORMANCE.md):
+with the same counts of steps and samples as the engine's W1 (benchmarks/README.md):
 
 1. world: θ* = D·u (u uniform on the sphere), w_ref = 0, w_μ = s·θ*/β; behaviour
    μ = (1−ε)·π_{w_μ} + ε·uniform; features `sphere` (rows uniform on the sphere of radius C);

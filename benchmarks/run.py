@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Benchmarks of the rlhf-bounds engine: W1 `train-eval`, W2 `ou-chains`, W3 `scale` (PERFORMANCE.md).
+"""Benchmarks of the rlhf-bounds engine: W1 `train-eval`, W2 `ou-chains`, W3 `scale` (benchmarks/README.md).
 
     python benchmarks/run.py --workload W1 --json w1.json              # N = 4096, R1 and R2 in the same run
     python benchmarks/run.py --workload W1 --problems 512 --repeats 2   # a quick check
+    python benchmarks/run.py --workload W1-all --json w1all.json       # every bound, beside W1, same run
     python benchmarks/run.py --workload W2 --problems 32 --json w2.json
     python benchmarks/run.py --workload W3 --problems 20000 --json w3.json
     python benchmarks/run.py --workload profile --json profile.json     # stage breakdown of simulate
@@ -59,14 +60,14 @@ def write_json(path: str | None, data: dict) -> None:
 class EngineW1:
     """Times the engine's compiled chunk kernel (``engine.compile_chunk``) over N problems, end to end to host arrays."""
 
-    def __init__(self, chunk: int | None, seed: int = 0, kernel=None):
+    def __init__(self, chunk: int | None, seed: int = 0, kernel=None, bounds: str = "b1"):
         import jax
         import rlhf_bounds as rb
         from rlhf_bounds import engine
         from rlhf_bounds.simulate import KERNEL
         self.jax, self.rb, self.engine = jax, rb, engine
         self.kernel = KERNEL if kernel is None else kernel
-        self.spec = common.w1_spec(W1).validate()
+        self.spec = common.w1_spec(W1).replace(bounds=bounds).validate()
         self.chunk = chunk or engine.default_chunk_size(self.spec)
         self.problems_key, self.shared_key = engine.problem_keys(seed)
         self.compiled = None
@@ -271,6 +272,72 @@ def workload_w1(args) -> dict:
 
 
 # ================================================================================================
+# W1-all: W1 with every bound, beside W1 in the same run
+# ================================================================================================
+def workload_w1_all(args) -> dict:
+    """W1 with ``bounds='all'`` (what a user's default run computes) and W1 itself (``bounds='b1'``),
+    interleaved repeat by repeat in one process, and the catalogue's profile by part."""
+    import profile_stages
+    from rlhf_bounds.report import coverage_rows
+    from rlhf_bounds.results import Results
+
+    N = args.problems or 2048
+    R = args.repeats
+    w1 = EngineW1(args.chunk, seed=args.seed)
+    every = EngineW1(args.chunk, seed=args.seed, bounds="all")
+    compile_s = {}
+    for name, eng in (("W1", w1), ("W1-all", every)):
+        log(f"{name}: compiling chunk kernel (chunk={eng.chunk}, bounds={eng.spec.bounds!r}) ...")
+        compile_s[name] = eng.compile()
+        log(f"{name}: compiled in {compile_s[name]:.1f}s; warm-up chunk ...")
+        eng.run(min(eng.chunk, N))
+    times = {"W1": [], "W1-all": []}
+    cols = {}
+    for r in range(R):
+        order = (("W1", w1), ("W1-all", every)) if r % 2 == 0 else (("W1-all", every), ("W1", w1))
+        for name, eng in order:
+            with common.Timer() as tm:
+                cols[name] = eng.run(N)
+            times[name].append(tm)
+        log(f"repeat {r + 1}/{R}: W1 {N / times['W1'][-1].wall:.1f}/s, W1-all {N / times['W1-all'][-1].wall:.1f}/s "
+            f"(load {tm.load:.1f})")
+    summ = lambda ts: common.rate_summary(N, [t.wall for t in ts], [t.cpu for t in ts], [t.load for t in ts])
+    rate = {name: summ(ts) for name, ts in times.items()}
+    # the ratio of each repeat's pair (same load), and the ratio of the medians
+    pairs = [b.wall / a.wall for a, b in zip(times["W1-all"], times["W1"])]
+    ratio = rate["W1-all"]["problems_per_s"] / rate["W1"]["problems_per_s"]
+    cpu_ratio = rate["W1"]["cpu_ms_per_problem"] / rate["W1-all"]["cpu_ms_per_problem"]
+    # every bound against its actual value on the timed problems (not a coverage study: N problems, one seed)
+    res = Results({**cols["W1-all"], "status": cols["W1-all"]["status"]}, {"spec": every.spec.to_dict()})
+    coverage = {r_["check"]: {k: r_[k] for k in ("violations", "n", "rate", "cp_lower", "delta", "verdict")
+                              if k in r_} for r_ in coverage_rows(res)}
+    log(f"catalogue profile on {args.profile_problems} problems ...")
+    prof = profile_stages.catalogue_profile(args.profile_problems, repeats=R, seed=args.seed)
+    load = [t.load for ts in times.values() for t in ts]
+    line = (f"W1-all (every bound): {_fmt_rate(rate['W1-all']['problems_per_s'])} problems/s, "
+            f"W1 (bounds='b1') {_fmt_rate(rate['W1']['problems_per_s'])} problems/s in the same run "
+            f"(median of {R}, N={N}, chunk {w1.chunk}) | ratio_w1 {ratio:.3f} "
+            f"(per repeat {', '.join(f'{x:.3f}' for x in pairs)}; CPU time {cpu_ratio:.3f}) | "
+            f"compile {compile_s['W1-all']:.1f} s (W1 {compile_s['W1']:.1f} s) | peak RSS {peak_rss_mb():,.0f} MB")
+    print(line)
+    print(f"  CPU time per problem: W1-all {rate['W1-all']['cpu_ms_per_problem']:.2f} ms, "
+          f"W1 {rate['W1']['cpu_ms_per_problem']:.2f} ms; load average {min(load):.1f}-{max(load):.1f} "
+          f"on {os.cpu_count()} cores; CPU {common.machine()['cpu']}")
+    print("  bounds on the timed problems: " + ", ".join(
+        f"{k} {v['violations']}/{v['n']}" for k, v in coverage.items()))
+    for text in profile_stages.catalogue_lines(prof):
+        print("  " + text)
+    return {"workload": "W1-all", "line": line, "problems": N, "chunk": w1.chunk,
+            "problems_per_s": rate["W1-all"]["problems_per_s"], "w1_problems_per_s": rate["W1"]["problems_per_s"],
+            "ratio_w1": ratio, "ratio_w1_per_repeat": pairs, "cpu_time_ratio_w1": cpu_ratio,
+            "w1_all": {**rate["W1-all"], "compile_s": compile_s["W1-all"], "spec": every.spec.to_dict()},
+            "w1": {**rate["W1"], "compile_s": compile_s["W1"], "spec": w1.spec.to_dict()},
+            "violations_on_timed_problems": coverage, "catalogue_profile": prof,
+            "ratio_r1": None, "ratio_r2": None, "roofline_fraction": None, "compile_s": compile_s["W1-all"],
+            "peak_rss_mb": peak_rss_mb(), "loadavg_range": [min(load), max(load)], "machine": common.machine()}
+
+
+# ================================================================================================
 # W2: OU chains
 # ================================================================================================
 def workload_w2(args) -> dict:
@@ -442,15 +509,82 @@ def workload_w3(args) -> dict:
             "machine": common.machine()}
 
 
+# ================================================================================================
+# The README's performance table, rebuilt from a workload's results
+# ================================================================================================
+README_BEGIN = "<!-- performance-table: begin (rebuilt by benchmarks/run.py --readme README.md) -->"
+README_END = "<!-- performance-table: end -->"
+README_HEADER = ("| workload | engine | R1 NumPy | R2 plain JAX | ×R1 | ×R2 | ×W1 | compile | peak RSS | measured on |",
+                 "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _machine_cell(out: dict) -> str:
+    """The machine a row was measured on: CPU model, cores, backend, JAX; the load beside it; date and sources."""
+    m = out["machine"]
+    load = out.get("loadavg_range") or out.get("loadavg_1min_range") or []
+    load = [x for x in load if x is not None]
+    head = m.get("git_head")
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('backend', '?')}, JAX {m.get('jax', '?')}"
+            + (f"; 1-min load {min(load):.1f}–{max(load):.1f}" if load else "")
+            + f"; {time.strftime('%Y-%m-%d')}, engine sources {m.get('engine_src_sha256', '?')}"
+            + (f" (on {head})" if head else ""))
+
+
+def readme_rows(out: dict) -> dict[str, str]:
+    """The table rows a workload's results give, keyed by workload (W1, W1-all, W3)."""
+    w, m = out["workload"], _machine_cell(out)
+    mb = lambda x: f"{x:,.0f} MB"
+    if w == "W1":
+        e = out["engine"]
+        return {"W1": f"| W1 ({e['problems']:,} problems, median of {len(e['seconds'])}) | "
+                      f"{_fmt_rate(out['problems_per_s'])} problems/s | {_fmt_rate(out['r1']['problems_per_s'])}/s | "
+                      f"{_fmt_rate(out['r2']['problems_per_s'])}/s | {out['ratio_r1']:.2f} | {out['ratio_r2']:.2f} | | "
+                      f"{out['compile_s']:.1f} s | {mb(out['peak_rss_mb'])} | {m} |"}
+    if w == "W1-all":
+        return {"W1-all": f"| W1-all (every bound, `bounds='all'`; {out['problems']:,} problems, median of "
+                          f"{len(out['ratio_w1_per_repeat'])}) | {_fmt_rate(out['problems_per_s'])} problems/s "
+                          f"(W1 in the same run: {_fmt_rate(out['w1_problems_per_s'])}/s) | | | | | "
+                          f"{out['ratio_w1']:.2f} | {out['compile_s']:.1f} s | {mb(out['peak_rss_mb'])} | {m} |"}
+    if w == "W3":
+        ratio = f"{out['ratio_w1']:.2f}" if out.get("ratio_w1") else ""
+        return {"W3": f"| W3 (`--workload W3`: {out['problems']:,} problems, one command) | "
+                      f"{_fmt_rate(out['problems_per_s'])} problems/s end to end | | | | | {ratio} | "
+                      f"{out['compile_s']:.1f} s | {mb(out['peak_rss_mb'])} | {m} |"}
+    return {}
+
+
+def update_readme(path: str | os.PathLike, rows: dict[str, str]) -> None:
+    """Rewrite the table between README_BEGIN and README_END in ``path``: the rows of ``rows`` replace those
+    of the same workload, other rows stay, in the order W1, W1-all, W3, then the rest."""
+    path = Path(path)
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{path}: no performance table markers ({README_BEGIN!r} ... {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    block, tail = rest.split(README_END, 1)
+    old = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells and cells[0].split(" ")[0] not in ("workload", "---"):
+            old[cells[0].split(" ")[0]] = line.strip()
+    merged = {**old, **rows}
+    order = [k for k in ("W1", "W1-all", "W3") if k in merged] + [k for k in merged if k not in ("W1", "W1-all", "W3")]
+    table = "\n".join(README_HEADER + tuple(merged[k] for k in order))
+    path.write_text(head + README_BEGIN + "\n" + table + "\n" + README_END + tail)
+    log(f"rebuilt the performance table in {path} (rows {', '.join(rows)})")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, choices=["W1", "W2", "W3", "profile", "scaling", "sgd-step"])
+    ap.add_argument("--workload", required=True, choices=["W1", "W1-all", "W2", "W3", "profile", "scaling", "sgd-step"])
     ap.add_argument("--problems", type=int, help="problems (W1 4096, W2 256, W3 1,000,000 by default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     ap.add_argument("--chunk", type=int, help="problems per compiled call (engine default for W1/W3, 8 for W2)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smaller roofline probes")
+    ap.add_argument("--readme", help="rebuild this README's performance table with this workload's row "
+                                     "(W1, W1-all, W3), naming the machine")
     g1 = ap.add_argument_group("W1")
     g1.add_argument("--r1-problems", type=int, help="problems R1 runs (default min(256, N)); its rate is per problem")
     g1.add_argument("--r1-block", type=int, default=64, help="problems R1 vectorises at once")
@@ -458,6 +592,9 @@ def main(argv=None) -> int:
     g1.add_argument("--r2-chunk", type=int, help="R2's chunk (default: the engine's)")
     g1.add_argument("--core-problems", type=int, default=1024,
                     help="also time the engine's pipeline without the bound catalogue on this many problems (0: skip)")
+    ga = ap.add_argument_group("W1-all")
+    ga.add_argument("--profile-problems", type=int, default=64,
+                    help="W1 problems the catalogue profile runs on (default 64)")
     g2 = ap.add_argument_group("W2")
     g2.add_argument("--chains", type=int)
     g2.add_argument("--steps", type=int)
@@ -477,6 +614,8 @@ def main(argv=None) -> int:
 
     if args.workload == "W1":
         out = workload_w1(args)
+    elif args.workload == "W1-all":
+        out = workload_w1_all(args)
     elif args.workload == "W2":
         out = workload_w2(args)
     elif args.workload == "W3":
@@ -492,6 +631,11 @@ def main(argv=None) -> int:
         out = profile_stages.main(args)
     out["command"] = " ".join([os.path.basename(sys.executable), "benchmarks/run.py"] + (argv or sys.argv[1:]))
     write_json(args.json, out)
+    if args.readme:
+        rows = readme_rows(out)
+        if not rows:
+            raise SystemExit(f"--readme: workload {args.workload} has no row in the performance table")
+        update_readme(args.readme, rows)
     return 0
 
 

@@ -11,7 +11,8 @@ d = 16, problem axis last as in ``learners.train_policies``), timed after compil
 * ``spread``: Σ_{m,a} c_{m,a} φ_{m,a} with fixed coefficients (``learners.spread``);
 * ``contract+spread``: both, with c = π_w (the two passes over the minibatch features);
 * ``train_policies``: the engine's whole loop (rollouts, RLOO, clipped log-ratio, the 10
-  checkpoint gradients), per step.
+  checkpoint gradients), per step, as one loop of exactly the chunk's width (``lanes=None``;
+  the engine runs it in blocks of ``learners.lane_block`` lanes).
 
 The features are random unit rows; the values computed do not matter here, only the shapes.
 """
@@ -61,7 +62,8 @@ def workload_sgd_step(args) -> dict[str, Any]:
         args_of = {name: (phi, w0) for name in parts}
         data = L.TrainData(jnp.moveaxis(phi, -1, 0), jnp.asarray(rng.normal(size=(P, n, A)).astype(np.float32)),
                            jnp.asarray(rng.uniform(size=(P, n, K)).astype(np.float32)))
-        fns["train_policies"] = jax.jit(lambda data, w_ref: L.train_policies(spec, data, w_ref, idx).w_last)
+        # one loop of exactly P lanes (lanes=None): what a lane block of that width costs (learners.lane_block)
+        fns["train_policies"] = jax.jit(lambda data, w_ref: L.train_policies(spec, data, w_ref, idx, lanes=None).w_last)
         args_of["train_policies"] = (data, jnp.zeros((P, d), jnp.float32))
         for name, f in fns.items():
             jax.block_until_ready(f(*args_of[name]))  # compile

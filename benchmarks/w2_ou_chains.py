@@ -1,6 +1,6 @@
 """W2 `ou-chains`: constant-step SGD chains from the maximiser, empirical covariance, both Lyapunov solves.
 
-Per problem (THEORY.md §7 B5), built from the engine's public functions
+Per problem (docs/theory.md §4–§9 B5), built from the engine's public functions
 (``rlhf_bounds.world``, ``rlhf_bounds.learners.prompt_objective`` / ``exact_gradient``):
 
 1. world and n training prompts; reward the oracle r* = ⟨θ*, φ⟩ + σ_ξ ξ with σ_ξ > 0

@@ -1,6 +1,6 @@
 """The bound catalogue wired into the engine: coverage over thousands of simulated problems.
 
-THEORY.md §8.1: a valid bound correctly implemented is never refuted at scale,
+docs/theory.md §11: a valid bound correctly implemented is never refuted at scale,
 i.e. the one-sided Clopper-Pearson lower limit of its violation rate stays
 below δ. B1's reward-shift and clipping inequalities are deterministic and must
 hold on every problem.
@@ -125,5 +125,56 @@ def test_deterministic_check_allows_round_off_only():
     cols = {"gap_clipping": actual, "b1_clipping": bound, "status": np.zeros(4, np.int32)}
     res = Results(cols, {"spec": {"delta": 0.05}})
     row = {r["check"]: r for r in coverage_rows(res)}["B1 clipping"]
-    assert row["violations"] == 1 and row["verdict"] == "REFUTED"
+    assert row["violations"] == 1 and row["verdict"] == "refuted"
     assert (1.73797871e-05 / 1.73797853e-05 - 1) < ROUND_OFF < 1e-3
+
+
+# ---- B2 with the Gaussian posterior: its numerics ----------------------------------------------
+
+def test_isotropic_gaussian_kl_is_the_full_formula_on_the_prior_grid():
+    """KL(N(m, Σ) ‖ N(m₀, σ²I)) from one Cholesky factor, for the whole σ₀ grid, is gaussian_kl with
+    Σ_p = σ²I; a covariance that is not positive definite gives +∞ (never NaN)."""
+    import jax.numpy as jnp
+    from rlhf_bounds.catalogue import PRIOR_SCALES
+
+    rng = np.random.default_rng(4)
+    d = 6
+    a = rng.normal(size=(d, d))
+    cov = a @ a.T / d + 0.01 * np.eye(d)
+    mean, mean_p = rng.normal(size=d), 0.3 * rng.normal(size=d)
+    variances = np.square(np.asarray(PRIOR_SCALES))
+    got = np.asarray(bounds.gaussian_kl_isotropic(mean, np.linalg.cholesky(cov), mean_p, variances))
+    want = [float(bounds.gaussian_kl(mean, cov, mean_p, v * np.eye(d))) for v in variances]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    singular = np.diag([1.0] * (d - 1) + [-1e-3])
+    bad = bounds.gaussian_kl_isotropic(mean, jnp.linalg.cholesky(jnp.asarray(singular)), mean_p, variances)
+    assert np.all(np.isposinf(np.asarray(bad)))
+
+
+def test_gaussian_posterior_factorises_one_problem_at_a_time():
+    """Under vmap (the engine's finishing blocks) the posterior's eigh and Cholesky factorisations see one
+    d × d matrix at a time: batched LAPACK calls on CPU block their pool thread until their tasks run, and
+    two at once deadlocked a 2-core run with every bound (catalogue._posterior_factors)."""
+    import jax
+    import jax.numpy as jnp
+    from rlhf_bounds import catalogue
+
+    spec = rb.Spec(**SMALL, tau=1.0)
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(3, spec.d, spec.d))
+    h = jnp.asarray(a @ np.swapaxes(a, 1, 2) + np.eye(spec.d))
+    jaxpr = jax.make_jaxpr(jax.vmap(lambda h, c: catalogue._posterior_factors(spec, h, c)))(h, 0.1 * h)
+
+    def factorisations(jx):
+        for eqn in jx.eqns:
+            if eqn.primitive.name in ("eigh", "cholesky"):
+                yield eqn.primitive.name, eqn.invars[0].aval.shape
+            for value in eqn.params.values():
+                for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from factorisations(inner)
+
+    found = list(factorisations(jaxpr.jaxpr))
+    assert {name for name, _ in found} == {"eigh", "cholesky"}, found
+    assert all(shape == (spec.d, spec.d) for _, shape in found), found

@@ -1,4 +1,4 @@
-"""learners.py: the per-prompt objective, its gradients and the GA/SGA/SGD loops (THEORY.md §5).
+"""learners.py: the per-prompt objective, its gradients and the GA/SGA/SGD loops (docs/theory.md §16).
 
 Hand references (NumPy, float64):
 
@@ -159,7 +159,7 @@ def test_rollout_gradient_monte_carlo_mean():
 
 def test_rloo_reduces_variance_at_the_optimum():
     """At w = w_ref + θ/β with a linear reward, r − βℓ is the same for every response, so RLOO's ĝ is 0 exactly
-    (THEORY.md §B5's degenerate corner) while the baseline-free estimator is not."""
+    (docs/theory.md §8's degenerate corner) while the baseline-free estimator is not."""
     rng = np.random.default_rng(7)
     _, w_ref, phi = random_prompt(rng, 5, 3, 1.0)
     theta = rng.normal(size=3)
@@ -334,8 +334,8 @@ def test_train_policies_is_train_policy_per_problem(learner, estimator, d):
     Three problems with their own data, trained together, against train_policy on each
     (which is train_policies with one problem: the rollout, clipping, schedule and
     checkpoint logic is pinned by the NumPy step tests above). d = 70 takes the einsum
-    path instead of the unrolled multiply-adds. Only float rounding may differ (the
-    contraction order of a wider vector); 1e-5 relative is float32's scale after 100 steps.
+    path instead of the unrolled multiply-adds. Both train in one block of
+    ``lane_block(spec)`` lanes (padded), so the results are the same bit for bit.
     """
     spec = Spec(d=d, actions=6, prompts=32, rollouts=4, steps=100, record_every=10, batch=8, learner=learner,
                 estimator=estimator, reward_model="oracle", beta=0.5, lr=0.5, tau=0.4).validate()
@@ -349,7 +349,27 @@ def test_train_policies_is_train_policy_per_problem(learner, estimator, d):
         for name in L.PolicyFit._fields:
             got, want = np.asarray(getattr(together, name)[i]), np.asarray(getattr(alone, name))
             assert got.shape == want.shape, name
-            assert_close(got, want, rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_train_policies_gives_a_problem_the_same_bits_in_any_batch():
+    """A problem trained alone, among 3, or among 130 (two lane blocks, the second padded) ends bit for
+    bit the same: the loop XLA compiles has one width, ``lane_block(spec)``, whatever the batch (with
+    one loop over the whole batch, ``lanes=None``, the vector layout and so the last bits change with
+    the batch width, and the clipped, rollout-driven SGD below amplifies them)."""
+    spec = Spec(d=4, actions=6, prompts=32, rollouts=4, steps=200, record_every=50, batch=8, learner="SGD",
+                estimator="rloo", reward_model="oracle", beta=0.5, lr=1.0, tau=0.3).validate()
+    assert L.lane_block(spec) == L.LANE_BLOCK == 128
+    worlds, datas = zip(*(problem(spec, 60 + 5 * i, sigma=0.3) for i in range(5)))
+    idx = L.minibatch_indices(spec, jax.random.key(6))
+    picks = [0, 1, 2] + [3 + (i % 2) for i in range(127)]  # problems 0-2, then 127 lanes of problems 3 and 4
+    stack = lambda ids: (jax.tree_util.tree_map(lambda *x: jnp.stack(x), *(datas[i] for i in ids)),
+                         jnp.stack([worlds[i].w_ref for i in ids]))
+    fits = {P: jax.jit(L.train_policies)(spec, *stack(picks[:P]), idx) for P in (1, 3, 130)}
+    for name in L.PolicyFit._fields:
+        for P in (1, 3):
+            np.testing.assert_array_equal(np.asarray(getattr(fits[P], name)[:P]),
+                                          np.asarray(getattr(fits[130], name)[:P]), err_msg=f"{name}, P={P}")
 
 
 @pytest.mark.parametrize("baseline", ["rloo", "none"])

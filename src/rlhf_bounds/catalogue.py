@@ -2,16 +2,19 @@
 
 :func:`bound_columns` takes what :func:`rlhf_bounds.simulate.simulate` knows
 about a problem (the trained policy, the samples, the evaluation set, the
-reward model and its data) and returns the per-problem columns of THEORY.md
-§7, computed by the pure functions of :mod:`rlhf_bounds.bounds`:
+reward model and its data) and returns the per-problem columns of docs/theory.md
+§4–§9, computed by the pure functions of :mod:`rlhf_bounds.bounds`:
 
 * ``b1_*``: B1 for the fixed policy (its actual value is ``gap_total``, on a
   sample drawn after training); ``b1_total_certified`` replaces the oracle
   L²_train by B7's certified bound (B1 at δ/2, B7 at δ/2). B1 next to
-  ``gap_total_train`` is the misuse THEORY.md §7 asks to show.
+  ``gap_total_train`` is the misuse docs/theory.md §11 shows.
 * ``b2_occam_*``: B2 with a uniform prior on the grid Θ_ε ⊂ [−R_w, R_w]^d and
   the point-mass posterior at the grid point nearest the trained w, on the
-  training sample itself (actual: ``gap_total_occam``).
+  training sample itself (actual: ``gap_total_occam``); its two levels apart,
+  ``b2_occam_prompt`` and ``b2_occam_rollout`` (actual:
+  ``gap_sampling_prompt_occam``, ``gap_sampling_rollout_occam``).
+* ``b7_radius``: B7's bound on ‖θ̂ − θ*‖_V (actual: ``b7_error_v``).
 * ``b2_gauss_*``: B2 with the Gaussian posterior Q = N(w_S, Σ_OU + s²I)
   against priors N(w_ref, σ₀²I) on a fixed σ₀ grid, E_Q by Monte Carlo with
   its error bounded and added (actual: ``gap_total_gauss``).
@@ -35,7 +38,8 @@ from .policy import log_ratio, response_objective
 from .spec import Spec
 
 __all__ = ["EvalSet", "Problem", "bound_columns", "b2_occam_columns", "b2_gauss_columns", "PRIOR_SCALES",
-           "PB_SHARE", "MC_SHARE"]
+           "PB_SHARE", "MC_SHARE", "GAUSS_TRAIN_PROMPTS", "GAUSS_EVAL_PROMPTS", "GaussPosterior", "gauss_posterior",
+           "gauss_draws"]
 
 #: σ₀ grid of the Gaussian priors N(w_ref, σ₀²I) (fixed before any data; union bound over it).
 PRIOR_SCALES = tuple(0.05 * 2.0**k for k in range(8))
@@ -55,6 +59,7 @@ class Problem(NamedTuple):
     stats: gap.PromptStats   # per-prompt values of w on the evaluation set
     pop: dict                # population values of w
     theta_hat: jax.Array
+    theta_star: jax.Array    # the true reward weights (for the actual value B7 bounds)
     pref_u: jax.Array        # preference differences u_j ``[N, d]`` (empty for the oracle)
     pref_z: jax.Array        # preference labels z_j ``[N]``
     reward_range: jax.Array  # sup r̂ − inf r̂
@@ -97,11 +102,14 @@ def bound_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
         cert = bounds.certified_reward_error(p.pref_u, p.theta_hat, spec.ridge, spec.reward_norm,
                                              second_moment, delta / 2, residual)
         l2_certified, radius = cert.l2_bound, cert.radius
+        # What B7's radius bounds: ‖θ̂ − θ*‖_V with V = Σ_j u_j u_jᵀ + λI.
+        err = th64 - jnp.asarray(p.theta_star, jnp.float64)
+        actual = jnp.sqrt(jnp.sum(jnp.square(u64 @ err)) + spec.ridge * jnp.sum(err * err))
     else:
-        l2_certified, radius = jnp.zeros((), jnp.float64), jnp.zeros((), jnp.float64)
+        l2_certified, radius, actual = (jnp.zeros((), jnp.float64),) * 3
     b1c = bounds.b1_terms(p.reward_range, beta, tau, n, K, delta / 2, chi2, l2_certified,
                           pop["tail_excess"], p.log_ratio_range)
-    out.update(b1_total_certified=b1c.total, b7_radius=radius, b7_l2_bound=l2_certified)
+    out.update(b1_total_certified=b1c.total, b7_radius=radius, b7_l2_bound=l2_certified, b7_error_v=actual)
 
     # ---- B3 and B4 inputs ---------------------------------------------------------------
     # The law of |ℓ| under D_w: atoms |ℓ(x_m, a)| with weight π_w(a|x_m)/M, passed without the 1/M
@@ -150,6 +158,10 @@ def b2_occam_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     return {
         "gap_total_occam": j_hat - pop_q["J_star"],
         "gap_sampling_occam": j_hat - pop_q["J_hat_mean"],
+        "gap_sampling_prompt_occam": j_hat_prompts - pop_q["J_hat_mean"],
+        "gap_sampling_rollout_occam": j_hat - j_hat_prompts,
+        "b2_occam_prompt": b2.prompt,
+        "b2_occam_rollout": b2.rollout,
         "quantization_effect": jnp.abs(pop_q["J_star"] - p.pop["J_star"]),
         "b2_occam_kl": kl,
         "b2_occam_sampling": b2.total,
@@ -157,47 +169,106 @@ def b2_occam_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
     }
 
 
-def b2_gauss_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
-    """B2, Gaussian posterior Q = N(w_S, Σ_OU + s²I) vs priors N(w_ref, σ₀²I), σ₀ ∈ PRIOR_SCALES."""
-    n, K, beta, tau, delta = spec.prompts, spec.rollouts, spec.beta, spec.tau, spec.delta
-    d = spec.d
+#: Draws from B2's Gaussian posterior are evaluated on random subsamples of this many training
+#: prompts (with their rollouts) and this many evaluation prompts (docs/theory.md §5.3).
+GAUSS_TRAIN_PROMPTS = 16
+GAUSS_EVAL_PROMPTS = 32
+
+
+class GaussPosterior(NamedTuple):
+    """B2's Gaussian posterior Q = N(w_S, Σ_OU + s²I) of one problem, and its KL to the best prior."""
+
+    hessian: jax.Array      # H = −∇²F_S(w_S) ``[d, d]``
+    grad_cov: jax.Array     # C_g ``[d, d]``
+    sigma_ou: jax.Array     # Σ_OU ``[d, d]``
+    min_curvature: jax.Array  # the smallest eigenvalue of H
+    mean: jax.Array         # w_S ``[d]`` (float64)
+    chol: jax.Array         # the Cholesky factor of Σ_OU + s²I
+    kl: jax.Array           # min over PRIOR_SCALES of KL(Q ‖ N(w_ref, σ₀²I))
+
+
+def _posterior_factors(spec: Spec, h, c_g):
+    """(Σ_OU, the smallest eigenvalue of H, the Cholesky factor of Σ_OU + s²I) of one problem.
+
+    Mapped one problem at a time even under ``vmap`` (``sequential_vmap``): jaxlib 0.10's
+    batched LAPACK kernels on CPU split a batch into tasks on the intra-op pool and block the
+    calling pool thread until they finish, so two batched factorisations running at once on a
+    2-thread pool wait on each other for ever (seen here: two ``syevd`` of the finishing stage,
+    docs/engine.md). Unbatched calls run on the calling thread.
+    """
+    def factors(h, c_g, lr, floor):
+        sigma_ou = ou.stationary_covariance(h, c_g, lr, batch_size(spec))
+        min_curvature = jnp.linalg.eigvalsh(h)[0]
+        chol = jnp.linalg.cholesky(sigma_ou + floor**2 * jnp.eye(spec.d, dtype=jnp.float64))
+        return sigma_ou, min_curvature, chol
+
+    lr, floor = (jnp.asarray(x, jnp.float64) for x in (spec.lr, spec.posterior_floor))
+    return jax.custom_batching.sequential_vmap(factors)(h, c_g, lr, floor)
+
+
+def gauss_posterior(spec: Spec, p: Problem) -> GaussPosterior:
+    """Q = N(w_S, Σ_OU + s²I) (B5's stationary covariance with the floor s) and min_σ₀ KL(Q ‖ N(w_ref, σ₀²I))."""
     h = ou.objective_hessian(spec, p.data, p.w, p.w_ref)
     c_g = ou.gradient_covariance(spec, p.data, p.w, p.w_ref)
-    sigma_ou = ou.stationary_covariance(h, c_g, spec.lr, batch_size(spec))
-    cov_q = sigma_ou + spec.posterior_floor**2 * jnp.eye(d, dtype=jnp.float64)
+    sigma_ou, min_curvature, chol = _posterior_factors(spec, h, c_g)
     mean_q = jnp.asarray(p.w, jnp.float64)
-    w_ref64 = jnp.asarray(p.w_ref, jnp.float64)
-    scales = jnp.asarray(PRIOR_SCALES, jnp.float64)
-    kls = jax.vmap(lambda s: bounds.gaussian_kl(mean_q, cov_q, w_ref64, s**2 * jnp.eye(d, dtype=jnp.float64)))(scales)
-    kl = jnp.min(kls)
+    variances = jnp.square(jnp.asarray(PRIOR_SCALES, jnp.float64))
+    kl = jnp.min(bounds.gaussian_kl_isotropic(mean_q, chol, p.w_ref, variances))
+    return GaussPosterior(h, c_g, sigma_ou, min_curvature, mean_q, chol, kl)
 
-    chol = jnp.linalg.cholesky(cov_q)
-    z = jax.random.normal(p.key, (spec.posterior_draws, d), jnp.float64)
-    draws = (mean_q + z @ chol.T).astype(p.w.dtype)
-    def one(w):
-        j_hat, j_hat_prompts = _train_sample_at(spec, p, w)
-        q = _population_at(spec, p, w)
-        return j_hat, j_hat_prompts, q["J_hat_mean"], q["J_star"], q["chi2"], q["tail_excess"], q["l2_train"]
 
-    j_hat, j_hat_prompts, j_hat_mean, j_star, chi2, tail, l2 = jax.vmap(one)(draws)
+def gauss_draws(spec: Spec, p: Problem, post: GaussPosterior) -> dict[str, jax.Array]:
+    """Per draw w_j ∼ Q (``spec.posterior_draws`` of them), on its own random prompts: ``j_hat`` (Ĵ on
+    GAUSS_TRAIN_PROMPTS training prompts with their rollouts), ``j_hat_prompts`` (their exact mean h̄),
+    ``j_hat_mean``, ``j_star``, ``chi2``, ``tail_excess``, ``l2_train`` on GAUSS_EVAL_PROMPTS evaluation
+    prompts. Each is an unbiased estimate, given the data, of the value on the whole sample or set."""
+    m, d = spec.posterior_draws, spec.d
+    k_w, k_train, k_eval = jax.random.split(p.key, 3)
+    z = jax.random.normal(k_w, (m, d), jnp.float64)
+    draws = (post.mean + z @ post.chol.T).astype(p.w.dtype)
+    i_train = jax.random.randint(k_train, (m, GAUSS_TRAIN_PROMPTS), 0, spec.prompts)
+    i_eval = jax.random.randint(k_eval, (m, GAUSS_EVAL_PROMPTS), 0, spec.eval_prompts)
+
+    def one(w, it, ie):
+        t = p.data
+        j_hat, j_hat_prompts = gap.sample_objective(w, p.w_ref, t.phi[it], t.reward[it], t.u[it], spec.beta,
+                                                    spec.tau)
+        ev = EvalSet(*(x[ie] for x in p.evalset))
+        q = gap.population_means(gap.prompt_stats(w, p.w_ref, ev, spec.beta, spec.tau))
+        return dict(j_hat=j_hat, j_hat_prompts=j_hat_prompts, **{k: q[k] for k in (
+            "J_hat_mean", "J_star", "chi2", "tail_excess", "l2_train")})
+
+    return jax.vmap(one)(draws, i_train, i_eval)
+
+
+def b2_gauss_columns(spec: Spec, p: Problem) -> dict[str, jax.Array]:
+    """B2, Gaussian posterior Q = N(w_S, Σ_OU + s²I) vs priors N(w_ref, σ₀²I), σ₀ ∈ PRIOR_SCALES.
+
+    E_Q by Monte Carlo over ``spec.posterior_draws`` draws, each evaluated on its own random
+    prompts (:func:`gauss_draws`); the Hoeffding radii cover the draws and the prompts together
+    (docs/theory.md §5.3).
+    """
+    n, K, beta, tau, delta = spec.prompts, spec.rollouts, spec.beta, spec.tau, spec.delta
+    post = gauss_posterior(spec, p)
+    v = gauss_draws(spec, p, post)
     width = bounds.objective_range(p.reward_range, beta, tau)  # Q's support is all of R^d: only τ bounds ℓ
     m = spec.posterior_draws
     mc_prompt = bounds.mc_error_hoeffding(width, m, MC_SHARE * delta)
     mc_sampling = bounds.mc_error_hoeffding(2.0 * width, m, MC_SHARE * delta)
-    b2 = bounds.b2_sampling_bound(jnp.mean(j_hat_prompts), kl, n, K, -0.5 * width, width,
+    b2 = bounds.b2_sampling_bound(jnp.mean(v["j_hat_prompts"]), post.kl, n, K, -0.5 * width, width,
                                   PB_SHARE * delta / len(PRIOR_SCALES), mc_radius=mc_prompt)
-    shift = jnp.mean(jnp.sqrt(1.0 + chi2) * jnp.sqrt(l2))
-    clip = beta * jnp.mean(tail)
+    shift = jnp.mean(jnp.sqrt(1.0 + v["chi2"]) * jnp.sqrt(v["l2_train"]))
+    clip = beta * jnp.mean(v["tail_excess"])
     # With τ = ∞ no finite width holds r̂ − βℓ^τ over all of R^d: the bound is vacuous (∞), not NaN.
     vacuous = lambda x: jnp.where(jnp.isfinite(width), x, jnp.inf)
     return {
-        "gap_total_gauss": jnp.mean(j_hat - j_star),
-        "gap_sampling_gauss": jnp.mean(j_hat - j_hat_mean),
-        "b2_gauss_kl": kl,
+        "gap_total_gauss": jnp.mean(v["j_hat"] - v["J_star"]),
+        "gap_sampling_gauss": jnp.mean(v["j_hat"] - v["J_hat_mean"]),
+        "b2_gauss_kl": post.kl,
         "b2_gauss_sampling": vacuous(b2.total),
         "b2_gauss_mc": vacuous(mc_sampling),
         "b2_gauss_total": vacuous(b2.total + mc_sampling + shift + clip),
-        "ou_trace": jnp.trace(sigma_ou),
-        "ou_grad_cov_trace": jnp.trace(c_g),
-        "ou_min_curvature": jnp.linalg.eigvalsh(h)[0],
+        "ou_trace": jnp.trace(post.sigma_ou),
+        "ou_grad_cov_trace": jnp.trace(post.grad_cov),
+        "ou_min_curvature": post.min_curvature,
     }

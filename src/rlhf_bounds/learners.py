@@ -1,4 +1,4 @@
-"""Policy learners: GA, SGA and SGD on the training objective (THEORY.md §5).
+"""Policy learners: GA, SGA and SGD on the training objective (docs/theory.md §16).
 
 The training objective on the sample S is
     F_S(w) = (1/n) Σ_i Σ_a π_w(a|x_i) [r̂(x_i, a) − β ℓ^τ_w(x_i, a)],
@@ -34,7 +34,9 @@ the functions :func:`step_size`, :func:`batch_size`, :func:`training_tau` and
 
 The arrays inside the loop are *problem-last*: P problems side by side on the
 last axis (Φ ``[m, A, d, P]``, w ``[d, P]``), which is where vectorising across
-problems pays on CPU; each problem's arithmetic is its own.
+problems pays on CPU; each problem's arithmetic is its own. :func:`train_policies`
+runs the loop in blocks of :func:`lane_block` problems, one compiled width
+whatever P, so that a problem's result is the same bit for bit in any batch.
 
 The loop is a ``lax.scan`` over checkpoints (every ``record_every`` steps) of a
 ``lax.scan`` over steps; at each checkpoint it records w and ‖∇F_S(w)‖ (exact,
@@ -56,7 +58,8 @@ from .spec import Spec
 __all__ = ["TrainData", "PolicyFit", "Minibatch", "LearnerState", "Learner", "prompt_objective", "exact_gradient",
            "rollout_gradient", "full_gradient", "minibatch_indices", "train_policy", "train_policies",
            "training_tau", "step_size", "batch_size", "gradient_estimator", "learner", "problem_last",
-           "gather", "gather_lanes", "contract", "spread", "log_softmax", "coefficients", "gradient"]
+           "gather", "gather_lanes", "contract", "spread", "log_softmax", "coefficients", "gradient",
+           "LANE_BLOCK", "lane_block"]
 
 
 class TrainData(NamedTuple):
@@ -319,14 +322,28 @@ def learner(spec: Spec) -> Learner:
     return Learner(init, step)
 
 
-def train_policies(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Array) -> PolicyFit:
-    """:func:`train_policy` for P problems at once (leading axis P on every input and output).
+#: Problems trained side by side in one compiled loop (:func:`train_policies`): the lane block.
+LANE_BLOCK = 128
 
-    The engine's kernel: a ``lax.scan`` of :func:`learner`'s ``step`` over the problem-last
-    training samples (:func:`problem_last`), which is 1.8× faster on CPU than
-    ``vmap(train_policy)`` (benchmarks/README.md). Each problem's arithmetic is its own: no
-    reduction runs across problems. ``indices`` ``[T, b]`` are shared by all P (GA ignores them).
+
+def lane_block(spec: Spec) -> int:
+    """Lanes of one compiled training loop: :func:`train_policies` trains any number of problems
+    in blocks of this many, so that the loop XLA compiles, and hence each problem's float32
+    arithmetic, is the same whatever the number of problems.
+
+    :data:`LANE_BLOCK` (128: on CPU at W1's shape as fast per problem as one loop over 256
+    problems, and 64 lanes were slower, benchmarks/README.md), halved while a block's training
+    sets (n·A·d floats per problem) would exceed 64 MB, down to 8. A function of the spec's
+    shapes only, never of the number of problems.
     """
+    block, per_problem = LANE_BLOCK, 4 * spec.prompts * spec.actions * spec.d
+    while block > 8 and block * per_problem > 64e6:
+        block //= 2
+    return block
+
+
+def _train_block(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Array) -> PolicyFit:
+    """The training loop over one block of problems (leading axis P on every input and output)."""
     full = problem_last(data, w_ref)
     init, step = learner(spec)
     beta, tau = spec.beta, training_tau(spec)
@@ -351,10 +368,44 @@ def train_policies(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.A
     return PolicyFit(state.w.T, w_best.T, traj_g[-1], g_best, jnp.transpose(traj_w, (2, 0, 1)), traj_g.T)
 
 
+def train_policies(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Array,
+                   lanes: int | None | str = "auto") -> PolicyFit:
+    """:func:`train_policy` for P problems at once (leading axis P on every input and output).
+
+    The engine's kernel: a ``lax.scan`` of :func:`learner`'s ``step`` over the problem-last
+    training samples (:func:`problem_last`), which is 1.8× faster on CPU than
+    ``vmap(train_policy)`` (benchmarks/README.md). Each problem's arithmetic is its own: no
+    reduction runs across problems. ``indices`` ``[T, b]`` are shared by all P (GA ignores them).
+
+    The problems are trained in blocks of ``lanes`` (``"auto"``: :func:`lane_block`), one
+    compiled loop of that width run over the blocks (P is padded with copies of problem 0 up
+    to a multiple of it, and the copies dropped). XLA vectorises the problem axis differently
+    for other widths, and SGD amplifies a last-bit difference, so a fixed block is what makes
+    every problem's result bit for bit the same whatever P (``lanes=None``: one loop over all P).
+    """
+    P = w_ref.shape[0]
+    lanes = lane_block(spec) if lanes == "auto" else lanes
+    if lanes is None:
+        return _train_block(spec, data, w_ref, indices)
+    blocks = -(-P // lanes)
+    pad = blocks * lanes - P
+
+    def split(x):
+        if pad:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
+        return x.reshape((blocks, lanes) + x.shape[1:])
+
+    train = lambda b: _train_block(spec, b[0], b[1], indices)
+    blocked = jax.tree_util.tree_map(split, (data, w_ref))
+    fit = jax.lax.map(train, blocked)  # a loop over blocks: vmap would widen the loop again
+    return jax.tree_util.tree_map(lambda x: x.reshape((blocks * lanes,) + x.shape[2:])[:P], fit)
+
+
 def train_policy(spec: Spec, data: TrainData, w_ref: jax.Array, indices: jax.Array) -> PolicyFit:
     """Run the spec's learner from w_0 = w_ref for T steps; see the module docstring.
 
-    One problem: :func:`train_policies` with P = 1, so that there is one implementation.
+    One problem: :func:`train_policies` with P = 1 (padded to one lane block), so that there is
+    one implementation and the result is the engine's for this problem, bit for bit.
     """
     fit = train_policies(spec, jax.tree_util.tree_map(lambda x: x[None], data), w_ref[None], indices)
     return jax.tree_util.tree_map(lambda x: x[0], fit)

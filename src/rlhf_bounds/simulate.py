@@ -17,6 +17,7 @@ and train with the learner's own ``step``):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -25,14 +26,14 @@ import jax.numpy as jnp
 from . import gap
 from .catalogue import Problem, bound_columns
 from .gap import EvalSet
-from .learners import PolicyFit, TrainData, minibatch_indices, train_policies
+from .learners import LANE_BLOCK, PolicyFit, TrainData, lane_block, minibatch_indices, train_policies
 from .reward import draw_preferences, fit_bradley_terry
 from .spec import Spec
 from .status import status_code
 from .world import World, behaviour_log_probs, draw_prompts, draw_world, true_reward
 
 __all__ = ["ProblemKeys", "Prepared", "problem_keys", "prepare", "finish", "simulate", "simulate_batch",
-           "default_finish_block", "SimulateKernel", "KERNEL", "ARRAY_FIELDS"]
+           "default_finish_block", "batch_block", "SimulateKernel", "KERNEL", "ARRAY_FIELDS"]
 
 F32 = jnp.float32
 
@@ -146,7 +147,8 @@ def finish(spec: Spec, prep: Prepared, fit_w: PolicyFit, catalogue: bool = True)
         traj_grad_norm=fit_w.traj_grad_norm,
     )
     if catalogue:
-        problem = Problem(w, world.w_ref, data, evalset, stats, pop, theta_hat, prep.pref_u, prep.pref_z,
+        problem = Problem(w, world.w_ref, data, evalset, stats, pop, theta_hat, world.theta_star, prep.pref_u,
+                          prep.pref_z,
                           out["reward_range"], out["log_ratio_range"], prep.keys.posterior)
         out.update(bound_columns(spec, problem))
     # Last, over every column: nothing non-finite leaves a problem without a flag.
@@ -158,9 +160,19 @@ def default_finish_block() -> int | None:
     """Problems evaluated at once after training (see :func:`simulate_batch`).
 
     On CPU, 16: sixteen W1 evaluation sets (16 MB) stay in cache, and blocks of 8–16 ran
-    fastest (benchmarks/README.md). On an accelerator, the whole chunk at once.
+    fastest (benchmarks/README.md). On an accelerator, a whole lane block of the training loop
+    at once (:data:`rlhf_bounds.learners.LANE_BLOCK` problems): a fixed width, so that results do
+    not depend on the chunk size there either (``None`` would finish each chunk in one block).
     """
-    return 16 if jax.default_backend() == "cpu" else None
+    return 16 if jax.default_backend() == "cpu" else LANE_BLOCK
+
+
+def batch_block(spec: Spec, finish_block: int | None | str = "auto") -> int:
+    """The multiple :func:`simulate_batch` pads its P problems up to: the training loop's lane block
+    (:func:`rlhf_bounds.learners.lane_block`), a multiple of ``finish_block`` as well."""
+    if finish_block == "auto":
+        finish_block = default_finish_block()
+    return math.lcm(lane_block(spec), finish_block or 1)
 
 
 def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array, finish_block: int | None | str = "auto",
@@ -169,24 +181,32 @@ def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array, finish_bl
 
     The three stages: :func:`prepare` for each problem (``vmap``); the policies of all P
     problems trained together by :func:`rlhf_bounds.learners.train_policies` (problem axis last
-    inside its loop, which is where vectorising across problems pays); then :func:`finish` for
-    each problem, ``vmap``-ed over blocks of ``finish_block`` problems at a time (``lax.map``;
-    ``"auto"``: :func:`default_finish_block`), so that the evaluation sets in flight stay small
-    enough for the cache. ``catalogue=False`` leaves out the bound columns.
+    inside its loop, which is where vectorising across problems pays, in lane blocks of
+    :func:`rlhf_bounds.learners.lane_block`); then :func:`finish` for each problem, ``vmap``-ed
+    over blocks of ``finish_block`` problems at a time (``lax.map``; ``"auto"``:
+    :func:`default_finish_block`; ``None``: all at once), so that the evaluation sets in flight
+    stay small enough for the cache. ``catalogue=False`` leaves out the bound columns.
 
-    No arithmetic runs across problems, so a problem's values do not depend on the others in
-    its batch; in float32 they can depend on the batch width P by round-off, since XLA
-    vectorises the problem axis differently for other widths (docs/engine.md).
+    No arithmetic runs across problems, and every stage runs in blocks of fixed width: P is
+    padded up to a multiple of :func:`batch_block` with copies of the first key (their results
+    are dropped), so each problem's values are the same bit for bit whatever P, for a given
+    ``finish_block`` (a kernel option: its vmapped reductions are compiled for that width;
+    docs/engine.md, "Determinism").
     """
     if finish_block == "auto":
         finish_block = default_finish_block()
+    P = keys.shape[0]
+    pad = -P % batch_block(spec, finish_block)
+    if pad:
+        keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (pad,) + keys.shape[1:])])
     prep = jax.vmap(lambda k: prepare(spec, k))(keys)
     fit = train_policies(spec, prep.data, prep.world.w_ref, minibatch_indices(spec, shared_key))
     finish_one = lambda args: finish(spec, *args, catalogue=catalogue)
-    P = keys.shape[0]
-    if finish_block is None or finish_block >= P:
-        return jax.vmap(finish_one)((prep, fit))
-    return jax.lax.map(finish_one, (prep, fit), batch_size=finish_block)
+    if finish_block is None or finish_block >= P + pad:
+        out = jax.vmap(finish_one)((prep, fit))
+    else:
+        out = jax.lax.map(finish_one, (prep, fit), batch_size=finish_block)
+    return {k: v[:P] for k, v in out.items()} if pad else out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,12 +244,14 @@ def simulate(spec: Spec, key: jax.Array, shared_key: jax.Array, *, chunk_size: i
     on the training sample itself; the quantities later bounds need; the
     problem's parameters; and a ``status`` code.
 
-    It is the engine's own computation of one problem: the compiled chunk kernel of
-    :func:`rlhf_bounds.engine.compile_chunk` with ``key`` in every lane of a chunk of
-    ``chunk_size`` problems (default: the chunk :func:`rlhf_bounds.engine.default_chunk_size`
-    gives), so that problem i of ``rlhf_bounds.run(spec, problems, seed=s, chunk_size=c)``
-    equals ``simulate(spec, fold_in(problems_key, i), shared_key, chunk_size=c)`` bit for bit,
-    with ``(problems_key, shared_key) = rlhf_bounds.engine.problem_keys(s)``.
+    It is the engine's own computation of one problem: the default kernel compiled as the
+    engine compiles it, on a one-problem chunk. Each chunk is padded to the kernel's fixed
+    blocks (:func:`batch_block`), so a problem's results do not depend on its chunk, and
+    problem i of ``rlhf_bounds.run(spec, problems, seed=s, chunk_size=c)`` equals
+    ``simulate(spec, fold_in(problems_key, i), shared_key)`` bit for bit for every c, with
+    ``(problems_key, shared_key) = rlhf_bounds.engine.problem_keys(s)`` (on one device;
+    docs/engine.md, "Determinism"). ``chunk_size`` computes the problem in a chunk of that
+    width (the same results).
     """
     from . import engine  # the engine imports this module
 

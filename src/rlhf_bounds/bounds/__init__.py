@@ -1,4 +1,4 @@
-"""The bound catalogue (THEORY.md §7) and its numerical toolkit, in float64.
+"""The bound catalogue (docs/theory.md §4–§9) and its numerical toolkit, in float64.
 
 Every function is a small pure function of numbers the engine already has. All
 are ``jit``- and ``vmap``-safe: no Python control flow on traced values, no
@@ -33,7 +33,7 @@ This module is the public face; the code lives in private files, one concern eac
 * ``_catalogue.py``: the formulas of B1–B3 and B7 (sampling α, clipping objective and τ*,
   ranges, ``b1_terms``, ``b2_sampling_bound``, ``certified_reward_error``);
 * ``_budget.py``: B4, the budget allocation (K*, preference-data share);
-* ``_statistics.py``: Clopper–Pearson intervals for coverage (THEORY.md §8.1).
+* ``_statistics.py``: Clopper–Pearson intervals for coverage (docs/theory.md §11).
 
 The B5 Lyapunov solvers ``lyapunov_continuous`` and ``lyapunov_discrete`` live in
 :mod:`rlhf_bounds.ou` and are re-exported here.
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import jax
 
-# Idempotent; the package __init__ does the same. Bounds are float64 (THEORY.md §9).
+# Idempotent; the package __init__ does the same. Bounds are float64 (docs/theory.md §0).
 jax.config.update("jax_enable_x64", True)
 
 from ..ou import lyapunov_continuous, lyapunov_discrete  # noqa: E402
@@ -73,6 +73,7 @@ from ._divergences import (  # noqa: E402
     LAMBDA_GRID_EXPONENTS,
     default_lambda_grid,
     gaussian_kl,
+    gaussian_kl_isotropic,
     hoeffding_lambda_bound,
     kl_bernoulli,
     kl_inverse_lower,
@@ -93,6 +94,7 @@ __all__ = [
     "kl_inverse_upper",
     "kl_inverse_lower",
     "gaussian_kl",
+    "gaussian_kl_isotropic",
     "sampling_alpha",
     "clip_objective",
     "optimal_clip_threshold",

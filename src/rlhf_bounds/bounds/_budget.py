@@ -29,7 +29,7 @@ def rollouts_per_prompt(cost_prompt, cost_decode, var_prompt=None, var_rollout=N
     """B4 [B]: continuous minimiser K* of ``rollout_sampling_objective`` under the budget.
 
     K* = max{1, (c_p/c_d)^{2/3}}: the objective's K-derivative has the sign of
-    K^{3/2} − c_p/c_d (derivation in docs/theory.md; agrees with THEORY.md).
+    K^{3/2} − c_p/c_d (derivation in docs/theory.md §7.1; [B]'s rule).
     Variance-aware: K* = max{1, √((c_p/c_d)·σ²_roll/σ²_prompt)}: the derivative of
     (c_p + K c_d)(σ²_p + σ²_r/K) has the sign of c_d σ²_p K² − c_p σ²_r.
     Both objectives are unimodal in K, so K* is the global minimiser on [1, ∞).
@@ -73,7 +73,7 @@ def preference_share(a, b, cost_per_prompt, cost_pref) -> jax.Array:
     """B4 [E]: the budget share s* on preference data minimising ``preference_objective``.
 
     s* = b^{2/3} c_pref^{1/3} / (a^{2/3} c_n^{1/3} + b^{2/3} c_pref^{1/3}) (Lagrangian in
-    docs/theory.md; agrees with THEORY.md). The minimum value is
+    docs/theory.md §7.2). The minimum value is
     (a^{2/3} c_n^{1/3} + b^{2/3} c_pref^{1/3})^{3/2}/√budget. Typical use: a = W_τ·α·√n
     (B1's sampling coefficient), b = √((1 + χ²) κ_pref) with L²_train ≈ κ_pref/N_pref.
     a, b ≥ 0; a = b = 0 (nothing to trade) returns 0. Elementwise.

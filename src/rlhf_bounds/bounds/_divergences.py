@@ -111,6 +111,26 @@ def gaussian_kl(mean_q, cov_q, mean_p, cov_p) -> jax.Array:
     return jnp.where(ok, jnp.maximum(value, 0.0), jnp.inf)
 
 
+def gaussian_kl_isotropic(mean_q, chol_q, mean_p, variance) -> jax.Array:
+    """KL(N(m_q, Σ_q) ‖ N(m_p, σ²I)) for every prior variance σ² in ``variance`` at once.
+
+    ``gaussian_kl`` with Σ_p = σ²I in closed form, from the lower Cholesky factor ``chol_q`` of
+    Σ_q = L_q L_qᵀ: ½[‖L_q‖²_F/σ² + ‖m_p − m_q‖²/σ² − d + d log σ² − 2 Σ log diag L_q]
+    (tr Σ_q = ‖L_q‖²_F). One factorisation serves the whole grid, and the caller's (the one its
+    Monte Carlo draws use). Shapes: means ``[d]``, ``chol_q`` ``[d, d]``; ``variance`` any shape,
+    the result has its shape. +∞ where the factor is not finite with a positive diagonal (Σ_q
+    not numerically positive definite: ``jnp.linalg.cholesky`` returns NaN) or σ² ≤ 0.
+    """
+    mean_q, chol_q, mean_p, variance = map(_f64, (mean_q, chol_q, mean_p, variance))
+    d = mean_q.shape[-1]
+    diag_q = jnp.diagonal(chol_q)
+    logdet_q = 2.0 * jnp.sum(jnp.log(diag_q))
+    spread = jnp.sum(jnp.square(chol_q)) + jnp.sum(jnp.square(mean_p - mean_q))
+    value = 0.5 * (spread / variance - d + d * jnp.log(variance) - logdet_q)
+    ok = jnp.all(jnp.isfinite(chol_q)) & jnp.all(diag_q > 0) & (variance > 0)
+    return jnp.where(ok, jnp.maximum(value, 0.0), jnp.inf)
+
+
 # ---------------------------------------------------------------------------------------
 # PAC-Bayes toolkit
 # ---------------------------------------------------------------------------------------
@@ -203,7 +223,7 @@ def occam_grid_size(radius, spacing) -> jax.Array:
 def occam_log_cardinality(d, radius, spacing) -> jax.Array:
     """KL of a point mass under the uniform prior on Θ_ε [B, special case 1]: log|Θ_ε| = d·log m.
 
-    m = ``occam_grid_size(R, ε)`` = ⌊2R/ε⌋ + 1 exactly (THEORY.md's d·log(2R/ε + 1) when
+    m = ``occam_grid_size(R, ε)`` = ⌊2R/ε⌋ + 1 exactly (the usual d·log(2R/ε + 1) when
     2R/ε is an integer, smaller otherwise). Elementwise.
     """
     return _f64(d) * jnp.log(occam_grid_size(radius, spacing))

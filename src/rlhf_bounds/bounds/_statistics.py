@@ -1,4 +1,4 @@
-"""Coverage: Clopper–Pearson intervals for a violation rate (THEORY.md §8.1).
+"""Coverage: Clopper–Pearson intervals for a violation rate (docs/theory.md §11).
 """
 
 from __future__ import annotations
