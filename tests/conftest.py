@@ -1,7 +1,7 @@
 """Shared helpers for the simulator-core tests.
 
 Independent references live here: NumPy/SciPy versions of the per-prompt
-policy maths, written from THEORY.md §3 without calling the package, so a test
+policy maths, written from docs/theory.md §14 without calling the package, so a test
 compares the package with a second implementation rather than with itself.
 
 The engine-level tests share one tiny problem family (:data:`TINY`): a spec
@@ -45,7 +45,7 @@ def tiny_spec(**changes) -> rb.Spec:
     return rb.Spec().replace(**{**TINY, **changes})
 
 
-# ---- NumPy references (THEORY.md §3) --------------------------------------------------------
+# ---- NumPy references (docs/theory.md §14) --------------------------------------------------------
 
 def np_log_probs(w, phi):
     """log π_w(·|x) = z − logsumexp(z), z = Φw (SciPy's logsumexp, float64)."""

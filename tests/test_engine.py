@@ -1,11 +1,14 @@
 """engine.py: determinism across chunk sizes and devices, saving, loading and resuming.
 
 Problem i's key is fold_in(problems_key, i), so its random draws are the same
-whatever the chunking or sharding; the arithmetic may be vectorised
-differently for another batch shape, so derived float32 values are compared
-at 1e-5 relative with a 1e-6 absolute floor (float32 eps 6e-8 times O(1)
-rewards and objectives over a few operations; columns such as
-gap_sampling_rollout are differences of O(1) numbers and can be ~0).
+whatever the chunking or sharding; the kernel pads every chunk to fixed blocks
+(simulate.batch_block), so on one device every value is the same bit for bit
+whatever the chunk size, and across forced host device counts of one machine
+(each device runs the same compiled blocks). Where a comparison is not exact
+(a kernel compiled elsewhere), derived float32 values are compared at 1e-5
+relative with a 1e-6 absolute floor (float32 eps 6e-8 times O(1) rewards and
+objectives over a few operations; columns such as gap_sampling_rollout are
+differences of O(1) numbers and can be ~0).
 
 The multi-device check runs a subprocess with 4 forced host devices; it is
 started when this module's first test starts and collected at the end, so its
@@ -119,8 +122,26 @@ def test_results_shape_and_order():
 @pytest.mark.slow  # one compilation of the whole kernel per chunk size (~10-30 s each on 2 cores)
 @pytest.mark.parametrize("chunk_size", [5, 16])
 def test_results_do_not_depend_on_chunk_size(chunk_size):
-    """5 (4 full chunks), 8 (last chunk padded) and 16 (padded): same draws, same values to float32 round-off."""
-    assert_same_results(run_chunked(chunk_size), run_chunked(8), exact=False)
+    """5 (4 full chunks), 8 (last chunk padded) and 16 (padded): the same results bit for bit (every
+    chunk is padded to the kernel's fixed blocks, simulate.batch_block)."""
+    assert_same_results(run_chunked(chunk_size), run_chunked(8), exact=True)
+
+
+#: The clipped regime (a fitted reward, τ = 0.5: clip indicators and inverse-CDF draws flip on a
+#: last-bit change, and SGD amplifies it); SPEC's static fields, so chunk 8 shares its compilation.
+CLIPPED = SPEC.replace(tau=0.5)
+#: More problems than one 128-lane block of the training loop.
+CLIPPED_PROBLEMS = 130
+
+
+@pytest.mark.slow  # one compilation of the whole kernel per chunk size
+def test_chunk_size_changes_no_bit_in_the_clipped_regime():
+    """Chunks of 8 and 64 (multiples of the 16-float vector width, less than a lane block), 40 (not a
+    multiple of 16), 128 (one block) and 200 (two blocks, the second padded): every column and array of
+    every problem bit for bit the same (docs/engine.md, "Determinism")."""
+    runs = {c: rb.run(CLIPPED, CLIPPED_PROBLEMS, seed=77, chunk_size=c, progress=False) for c in (8, 40, 64, 128, 200)}
+    for c in (8, 40, 64, 200):
+        assert_same_results(runs[c], runs[128], exact=True)
 
 
 def test_same_run_twice_is_bit_identical():
@@ -203,7 +224,9 @@ def test_multi_device_matches_single_device(multi_device_run):
     assert jax.device_count() == 1  # this process: the comparison really is across device counts
     multi = rb.load(out)
     assert multi.record["machine"]["devices"] == info["devices"]
-    assert_same_results(multi, run_chunked(8), exact=False)
+    # Each device runs the same compiled blocks on its share of the chunk (padded): bit for bit the same
+    # on one machine (docs/engine.md, "Determinism": not across machines or backends).
+    assert_same_results(multi, run_chunked(8), exact=True)
 
 
 def test_multi_device_falls_back_when_pool_too_small():
@@ -224,11 +247,12 @@ def test_multi_device_falls_back_when_pool_too_small():
 # ---- one PRNG path ----------------------------------------------------------------------------
 
 def test_simulate_is_problem_i_of_run_bit_for_bit():
-    """rb.simulate on problem i's key gives problem i of rb.run exactly (same kernel, same chunk width)."""
+    """rb.simulate on problem i's key (one problem, one block of lanes) gives problem i of rb.run in
+    chunks of 8 exactly: results do not depend on the chunk."""
     problems_key, shared_key = rb.engine.problem_keys(SEED)
     ran = run_chunked(8)
     for i in (0, 7, 19):
-        one = rb.simulate(SPEC, jax.random.fold_in(problems_key, i), shared_key, chunk_size=8)
+        one = rb.simulate(SPEC, jax.random.fold_in(problems_key, i), shared_key)
         assert set(one) == set(ran.columns) - {"problem"} | set(ran.arrays)
         for name, value in one.items():
             np.testing.assert_array_equal(np.asarray(value), ran[name][i], err_msg=f"problem {i}: {name}")
@@ -304,6 +328,6 @@ def test_no_module_but_the_store_names_a_run_folder_file():
     import pathlib
     import re
     src = pathlib.Path(rb.__file__).parent
-    names = re.compile(r"""["'](record\.json|study\.json|chunks|chunk-)""")
+    names = re.compile(r"""["'](record\.json|study\.json|config\.json|summary\.md|chunks["'/]|chunk-[{\d*])""")
     offenders = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "store.py" and names.search(p.read_text())]
     assert offenders == []

@@ -1,4 +1,4 @@
-"""gap.py: exact per-prompt statistics, Ĵ, quantiles and the oracle decomposition (THEORY.md §3, §6).
+"""gap.py: exact per-prompt statistics, Ĵ, quantiles and the oracle decomposition (docs/theory.md §14, §1).
 
 Unit tests compare with NumPy brute force in float64. The simulated tests run
 the engine on the tiny family of conftest.py: the decomposition identity

@@ -1,4 +1,4 @@
-"""policy.py against NumPy/SciPy brute-force sums over responses (THEORY.md §3).
+"""policy.py against NumPy/SciPy brute-force sums over responses (docs/theory.md §14).
 
 Pure-maths tests run in float64 (the package turns x64 on) and compare at
 1e-10 relative; the float32 tests use ~1e-5. Shapes cover A = 1 (degenerate

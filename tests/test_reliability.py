@@ -33,7 +33,7 @@ TINY = rb.Spec(d=3, actions=3, prompts=16, rollouts=2, pref_pairs=32, eval_promp
                batch=4, feature_law="anisotropic")
 CHUNK = 1  # one chunk size everywhere: one compilation
 
-#: The simulation results that must stay finite at every benign extreme (THEORY.md §3, §6).
+#: The simulation results that must stay finite at every benign extreme (docs/theory.md §14, §1).
 CORE = ("J_hat", "J_star", "gap_total", "gap_sampling", "gap_reward_shift", "gap_clipping", "gap_total_train",
         "kl", "tail_excess", "log1p_chi2", "l2_train", "theta_hat_norm", "w_norm")
 

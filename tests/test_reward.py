@@ -1,4 +1,4 @@
-"""reward.py: the Bradley-Terry loss and its ridge MLE by Newton's method (THEORY.md §5).
+"""reward.py: the Bradley-Terry loss and its ridge MLE by Newton's method (docs/theory.md §16).
 
 References: the loss written in NumPy with ``np.logaddexp``, and the
 minimiser found by SciPy (Newton-CG and BFGS with tight tolerances) on the same

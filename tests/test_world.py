@@ -1,4 +1,4 @@
-"""world.py: feature laws, θ*, the behaviour policy and Bradley-Terry labels (THEORY.md §2, §4).
+"""world.py: feature laws, θ*, the behaviour policy and Bradley-Terry labels (docs/theory.md §2, §4).
 
 Distribution checks compare a sample mean with an independent reference and
 allow 4.5 standard errors (two-sided chance of a false alarm ≈ 7e-6 per
@@ -35,7 +35,7 @@ def draw(spec, seed, m):
     return world, np.asarray(phi, np.float64)
 
 
-# ---- NumPy reference samplers of each law (THEORY.md §2.1) ----------------------------------
+# ---- NumPy reference samplers of each law (docs/theory.md §2.1) ----------------------------------
 
 def np_project(x, radius):
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -101,7 +101,7 @@ def test_feature_law_shapes_and_bound(law):
 
 @pytest.mark.parametrize("law", FEATURE_LAWS)
 def test_feature_law_distribution(law):
-    """Second moments E φ_j², E‖φ‖ and E⟨φ_0, φ_1⟩ against a NumPy sampler of the law in THEORY.md §2.
+    """Second moments E φ_j², E‖φ‖ and E⟨φ_0, φ_1⟩ against a NumPy sampler of the law in docs/theory.md §2.
 
     Package: m = 3000 prompts, standard error over prompts. Reference: 200 000
     NumPy prompts (its own standard error is added in quadrature).
@@ -246,7 +246,7 @@ def test_draws_depend_only_on_the_key():
     assert not np.array_equal(p1, p3)
 
 
-# ---- Bradley-Terry labels (THEORY.md §4) ----------------------------------------------------
+# ---- Bradley-Terry labels (docs/theory.md §15) ----------------------------------------------------
 
 def recover_pairs(prefs, world, spec):
     """The responses (a_j, b_j) behind u_j = φ(x'_j, a_j) − φ(x'_j, b_j), found by brute force over A²."""

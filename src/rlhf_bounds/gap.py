@@ -1,4 +1,4 @@
-"""The generalisation gap and its oracle decomposition (THEORY.md §3, §6).
+"""The generalisation gap and its oracle decomposition (docs/theory.md §14, §1).
 
 For a policy w, with the empirical objective on n prompts and K rollouts
     Ĵ(w) = (1/nK) Σ_{i,k} [r̂(x_i, Y_ik(w)) − β ℓ^τ_w(x_i, Y_ik(w))]

@@ -1,4 +1,4 @@
-"""Log-linear policy maths for one prompt (THEORY.md §3).
+"""Log-linear policy maths for one prompt (docs/theory.md §14).
 
 Every function here works on a single prompt: ``phi`` is the prompt's feature
 matrix Φ(x) of shape ``[A, d]`` (one row per candidate response) and ``w`` a
@@ -135,7 +135,7 @@ def sample_actions(w: jax.Array, phi: jax.Array, u: jax.Array) -> jax.Array:
     """Inverse-CDF draws from π_w(·|x) at uniforms ``u`` of shape ``[K]``.
 
     With ``u`` fixed this is a deterministic function of w (common random
-    numbers, THEORY.md §4), and an exact draw from π_w when u ~ U(0, 1).
+    numbers, docs/theory.md §2), and an exact draw from π_w when u ~ U(0, 1).
     Returns int32 indices of shape ``[K]``.
     """
     return inverse_cdf(probs(w, phi), u)

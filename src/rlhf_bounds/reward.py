@@ -1,4 +1,4 @@
-"""The reward model: Bradley-Terry preference data and its ridge MLE (THEORY.md §4, §5).
+"""The reward model: Bradley-Terry preference data and its ridge MLE (docs/theory.md §15, §16).
 
 Preference pair j is (x'_j, a_j, a'_j, z_j) with a_j, a'_j i.i.d. from μ(·|x'_j)
 and z_j ~ Bernoulli(σ(r*(x'_j, a_j) − r*(x'_j, a'_j))). The reward model is

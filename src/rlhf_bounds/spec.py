@@ -1,4 +1,4 @@
-"""The problem spec: everything that defines one simulated RLHF problem (THEORY.md §2).
+"""The problem spec: everything that defines one simulated RLHF problem (docs/theory.md §13).
 
 A :class:`Spec` is a frozen dataclass registered as a JAX pytree. Its *static*
 fields (shapes, step counts, choices of law or learner) are pytree metadata, so
@@ -7,9 +7,10 @@ behaviour shift, the learning rate, ...) are pytree leaves, so a population of
 specs that share their static fields can be stacked and vmapped, and changing a
 traced field does not recompile.
 
-Every field carries its allowed range; :meth:`Spec.validate` checks them all
-before anything is compiled and raises :class:`SpecError` with a one-line
-message naming the field, the value and the range.
+Every field carries its allowed range; a spec is checked when it is made
+(:meth:`Spec.validate`, called by the constructor, :meth:`Spec.replace` and
+:meth:`Spec.from_dict`), with a :class:`SpecError` whose one-line message names
+the field, the value and the range.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["Spec", "SpecError", "FIELDS", "FEATURE_LAWS", "LEARNERS", "ESTIMATORS"]
+__all__ = ["Spec", "SpecError", "FIELDS", "FEATURE_LAWS", "LEARNERS", "ESTIMATORS", "parse_field"]
 
 FEATURE_LAWS = ("sphere", "gaussian", "anisotropic", "lowrank", "shared")
 LEARNERS = ("GA", "SGA", "SGD")
@@ -125,6 +126,11 @@ class Spec:
                                 cli="--posterior-floor")
 
     # -------------------------------------------------------------------------------------
+    def __post_init__(self):
+        # A spec is checked when it is made, so a bad value fails where it was written. JAX rebuilds
+        # specs from their leaves without this (see the pytree registration at the end of the module).
+        self.validate()
+
     @classmethod
     def static_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls) if f.metadata["static"])
@@ -145,11 +151,13 @@ class Spec:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Spec":
+        """A spec from :meth:`to_dict`'s fields, also as read back from JSON: a number field may hold
+        "inf", "-inf" or "nan", as :func:`rlhf_bounds.store.json_safe` writes non-finite floats."""
         names = {f.name for f in fields(cls)}
         unknown = set(values) - names
         if unknown:
             raise SpecError(f"unknown spec field(s): {', '.join(sorted(unknown))}")
-        return cls(**values).validate()
+        return cls(**{k: _from_json(FIELDS[k], v) for k, v in values.items()})
 
     def validate(self) -> "Spec":
         """Check every field against its range; raise :class:`SpecError` on the first bad one."""
@@ -181,7 +189,29 @@ def _range_text(m) -> str:
     hi_s = "inf" if hi is None else f"{hi:g}"
     if m["allow_inf"] and hi is None:
         right = "]"
+    if lo is None or lo == -math.inf:
+        left = "("  # −∞ itself is never allowed
     return f"{left}{lo_s}, {hi_s}{right}"
+
+
+def _whole_line(m) -> bool:
+    """Whether a number field takes every finite number (the behaviour shift s)."""
+    return (m["lo"] is None or m["lo"] == -math.inf) and m["hi"] is None and not m["allow_inf"]
+
+
+def _must_be(m) -> str:
+    """What a number field must be, after "must be": "in [0, inf)", or "a finite number" for the whole line."""
+    return "a finite number" if _whole_line(m) else f"in {_range_text(m)}"
+
+
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _from_json(f, value):
+    """A number field's value as JSON holds it: "inf", "-inf" and "nan" back to floats (see :meth:`Spec.from_dict`)."""
+    if isinstance(value, str) and f.metadata["choices"] is None and value.lower() in _NON_FINITE:
+        return _NON_FINITE[value.lower()]
+    return value
 
 
 def _check_field(f, value) -> None:
@@ -211,8 +241,8 @@ def _check_field(f, value) -> None:
         if arr.ndim == 0 and arr.dtype.kind in ("iu" if is_int else "iuf"):
             value = arr.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SpecError(f"{name}={value!r} is not a number: must be {'a whole number ' if is_int else ''}"
-                        f"in {_range_text(m)}")
+        raise SpecError(f"{name}={value!r} is not a number: must be "
+                        f"{'a whole number in ' + _range_text(m) if is_int else _must_be(m)}")
     if is_int and not isinstance(value, numbers.Integral):
         raise SpecError(f"{name}={value!r} is not a whole number (an int): must be a whole number in "
                         f"{_range_text(m)}")
@@ -222,9 +252,9 @@ def _check_field(f, value) -> None:
         v = math.inf if value > 0 else -math.inf
     shown = str(int(value)) if isinstance(value, numbers.Integral) and math.isfinite(v) else repr(v)
     if math.isnan(v):
-        raise SpecError(f"{name}=nan is not allowed: must be in {_range_text(m)}")
+        raise SpecError(f"{name}=nan is not allowed: must be {_must_be(m)}")
     if math.isinf(v) and not (m["allow_inf"] and v > 0):
-        raise SpecError(f"{name}={shown} out of range: must be finite, in {_range_text(m)}")
+        raise SpecError(f"{name}={shown} out of range: must be {'' if _whole_line(m) else 'finite, '}{_must_be(m)}")
     lo, hi = m["lo"], m["hi"]
     bad = (lo is not None and (v < lo or (m["lo_open"] and v == lo))) or \
           (hi is not None and (v > hi or (m["hi_open"] and v == hi)))
@@ -242,6 +272,47 @@ def _check_field(f, value) -> None:
 
 FIELDS = {f.name: f for f in fields(Spec)}
 
-jax.tree_util.register_dataclass(
-    Spec, data_fields=list(Spec.traced_names()), meta_fields=list(Spec.static_names())
-)
+_STATIC, _TRACED = Spec.static_names(), Spec.traced_names()
+
+
+def _flatten(spec: Spec):
+    return [getattr(spec, n) for n in _TRACED], tuple(getattr(spec, n) for n in _STATIC)
+
+
+def _flatten_with_keys(spec: Spec):
+    return [(jax.tree_util.GetAttrKey(n), getattr(spec, n)) for n in _TRACED], \
+        tuple(getattr(spec, n) for n in _STATIC)
+
+
+def _unflatten(static: tuple, traced) -> Spec:
+    """A spec rebuilt from its leaves, without ``__init__`` and so without its checks: JAX rebuilds
+    specs whose traced fields hold tracers, abstract values, placeholder objects or zero
+    cotangents, none of which is a spec a user wrote."""
+    spec = object.__new__(Spec)
+    for name, value in zip(_STATIC + _TRACED, (*static, *traced)):
+        object.__setattr__(spec, name, value)
+    return spec
+
+
+# Static fields are pytree metadata (they select a compilation), traced fields are leaves.
+jax.tree_util.register_pytree_with_keys(Spec, _flatten_with_keys, _unflatten, _flatten)
+
+
+def parse_field(name: str, value: Any) -> Any:
+    """A value for spec field ``name`` from text ("0.1", "inf", "lowrank", "16") or a number, checked
+    against the field's range (:class:`SpecError` naming the field and the range otherwise)."""
+    f = FIELDS.get(name)
+    if f is None:
+        raise SpecError(f"unknown spec field {name!r}")
+    m = f.metadata
+    if isinstance(value, str) and not m["choices"]:
+        try:
+            number = float(value)
+        except ValueError:
+            raise SpecError(f"{name}={value!r} is not a number: must be in {_range_text(m)}") from None
+        is_int = f.type in ("int", int)
+        if is_int and not (math.isfinite(number) and number.is_integer()):
+            raise SpecError(f"{name}={value!r} is not a whole number: must be a whole number in {_range_text(m)}")
+        value = int(number) if is_int else number
+    _check_field(f, value)
+    return value

@@ -7,8 +7,10 @@ A **run folder** holds::
     chunks/chunk-NNNNNN.npz     one file per finished chunk: per-problem columns and small arrays,
                                 with the problem numbers in the column ``problem``
 
-A **study folder** holds ``study.json`` (suite, regime names, problem count, seed) and one run
-folder per regime, named for it.
+A **study folder** holds ``study.json`` (suite, profile, regime names, problem counts, seed), its
+full configuration ``config.json`` (every spec field of every regime: ``rlhf-bounds run --config``
+reruns it), one run folder per regime, named for it, and what the report makes of them:
+``summary.md`` and ``figures/NAME.png`` and ``.pdf``.
 
 Every write is atomic (a temporary file, flushed and renamed), so an interrupted run never leaves
 a half-written file that could be taken for a finished one. No other module names a file in
@@ -19,6 +21,7 @@ functions here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -30,13 +33,17 @@ from typing import Any
 import numpy as np
 
 __all__ = ["RECORD", "STUDY", "CHUNKS", "IDENTITY", "DEFAULT_KERNEL", "LAZY_BYTES", "RunError", "LoadError",
-           "json_default", "write_json_atomic", "read_json", "is_run", "is_study", "read_record",
+           "json_default", "json_safe", "write_json_atomic", "read_json", "is_run", "is_study", "read_record",
            "identity_mismatch", "check_run_folder", "prepare_run_folder", "check_writable", "write_record",
            "chunk_files", "write_chunk", "chunk_intact", "check_same_columns", "read_study_record",
-           "check_study_folder", "prepare_study_folder", "regime_folder", "RunColumns", "load_run_columns"]
+           "check_study_folder", "prepare_study_folder", "regime_folder", "write_config", "read_config",
+           "summary_path", "figures_folder", "CONFIG", "SUMMARY", "FIGURES", "RunColumns", "load_run_columns"]
 
 RECORD = "record.json"
 STUDY = "study.json"
+CONFIG = "config.json"
+SUMMARY = "summary.md"
+FIGURES = "figures"
 CHUNKS = "chunks"
 #: Record fields that identify a run: a folder whose record differs in any of them is refused.
 IDENTITY = ("kernel", "spec", "seed", "problems", "chunk_size")
@@ -74,12 +81,35 @@ def json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+def json_safe(x: Any) -> Any:
+    """``x`` with every non-finite float as the string "inf", "-inf" or "nan" (strict JSON has none).
+
+    Python's ``json`` would write them as ``Infinity`` and ``NaN``, which other JSON parsers refuse
+    (τ = ∞ is the default spec). Readers turn the strings back into floats where a number is
+    expected (:meth:`rlhf_bounds.spec.Spec.from_dict`); :func:`identity_mismatch` compares in this form.
+    NumPy scalars and arrays become Python numbers and lists on the way.
+    """
+    if isinstance(x, Mapping):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_safe(x.tolist())
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return v if math.isfinite(v) else ("nan" if math.isnan(v) else "inf" if v > 0 else "-inf")
+    return x
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
+    """Write JSON to ``path`` through a temporary file and a rename (never a half-written file).
+
+    Strict JSON: non-finite floats are written as strings (:func:`json_safe`).
+    """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, default=json_default)
+        json.dump(json_safe(data), fh, indent=2, default=json_default, allow_nan=False)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -130,9 +160,9 @@ def _show(d: Mapping, k: str) -> str:
 
 def identity_mismatch(record: dict[str, Any], identity: dict[str, Any]) -> str | None:
     """A description of the first identity field in which ``record`` differs from ``identity``, or None."""
-    for field in IDENTITY:
-        there = record.get(field, DEFAULT_KERNEL if field == "kernel" else None)
-        here = identity[field]
+    for field in IDENTITY:  # compared as written: a record read back holds "inf" where τ = ∞ (json_safe)
+        there = json_safe(record.get(field, DEFAULT_KERNEL if field == "kernel" else None))
+        here = json_safe(identity[field])
         if there == here:
             continue
         if field == "spec" and isinstance(there, dict):
@@ -242,6 +272,27 @@ def check_same_columns(saved: Path, result: dict[str, np.ndarray], folder: Path)
 
 # ---- study folders --------------------------------------------------------------------------
 
+def write_config(folder: str | os.PathLike, config: dict[str, Any]) -> None:
+    """Save a study's full configuration beside its results."""
+    write_json_atomic(Path(folder) / CONFIG, config)
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A study configuration: a study folder's ``config.json``, or a configuration file itself."""
+    path = Path(path)
+    return read_json(path / CONFIG if path.is_dir() else path, "study configuration")
+
+
+def summary_path(folder: str | os.PathLike) -> Path:
+    """Where a study's report (Markdown) is written."""
+    return Path(folder) / SUMMARY
+
+
+def figures_folder(folder: str | os.PathLike) -> Path:
+    """Where a study's figures are written (each as NAME.png and NAME.pdf)."""
+    return Path(folder) / FIGURES
+
+
 def regime_folder(folder: str | os.PathLike, name: str) -> Path:
     """The run folder of regime ``name`` inside a study folder."""
     return Path(folder) / name
@@ -298,6 +349,11 @@ def _damaged(path: Path, why: str) -> LoadError:
     return LoadError(f"{path}: damaged chunk file ({why}); rerun the same command to recompute it")
 
 
+def _unreadable(path: Path, why: str) -> LoadError:
+    return LoadError(f"{path}: the chunk file cannot be read (truncated, or not a chunk file: {why}); "
+                     "rerun the same command to recompute it")
+
+
 @contextmanager
 def _open_chunk(path: Path):
     """``np.load`` of one chunk file; whatever numpy raises inside becomes a :class:`LoadError` naming it."""
@@ -306,8 +362,8 @@ def _open_chunk(path: Path):
             if "problem" not in z.files:
                 raise ValueError("no problem column")
             yield z
-    except Exception as err:  # a damaged file: say which, whatever numpy raised
-        raise _damaged(path, f"{type(err).__name__}: {err}") from None
+    except Exception as err:  # a truncated or foreign file: say which, whatever numpy raised
+        raise _unreadable(path, f"{type(err).__name__}: {err}") from None
 
 
 def _read_chunk(path: Path, *names: str) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""The simulated world of one problem (THEORY.md §2, §4).
+"""The simulated world of one problem (docs/theory.md §13, §15).
 
 A problem is its true reward θ*, its behaviour policy μ and its feature law;
 prompts are drawn from the feature law as feature matrices Φ(x) ∈ R^{A×d}
