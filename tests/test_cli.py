@@ -197,7 +197,7 @@ def test_report_of_a_path_without_results(capsys, tmp_path):
         run_no_chunks: "holds no finished chunks",
         study_empty: "regimes hold no finished chunks",
         bad_record: "record.json: the run record is damaged",
-        bad_chunk: "chunk-000000.npz: damaged chunk file",
+        bad_chunk: "chunk-000000.npz: the chunk file cannot be read (truncated, or not a chunk file",
         no_spec: "the run record is damaged (it holds no spec)",
     }
     for path, expected in cases.items():
@@ -220,8 +220,8 @@ def test_report_prints_saved_results(capsys, tmp_path):
 def test_negative_values_and_infinity_are_accepted(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def capture(regimes, problems, **kwargs):
-        seen["spec"] = regimes[0][1]
+    def capture(regimes, *args, **kwargs):
+        seen["spec"] = regimes[0].spec
         raise KeyboardInterrupt  # stop here; also checks the interrupt message
 
     monkeypatch.setattr(suites, "run_study", capture)

@@ -1,9 +1,11 @@
 """The ``rlhf-bounds`` command line.
 
-``rlhf-bounds run`` runs a suite (default: the decomposition study), shows a
-progress bar, prints a summary table and saves the results to a folder that
-``rlhf_bounds.load`` reads back. ``rlhf-bounds report PATH`` prints the table
-of saved results.
+``rlhf-bounds run [SUITE]`` runs a suite (default: decomposition), shows a
+progress bar, prints a summary table and saves the results, ``summary.md`` and
+the suite's figures to a folder that ``rlhf_bounds.load`` reads back.
+``rlhf-bounds list`` describes the suites; ``rlhf-bounds report DIR`` rebuilds
+a folder's summary and figures from its saved results; ``rlhf-bounds export
+DIR --csv`` writes one tidy table.
 
 User mistakes get one line on stderr naming the option, the value and the
 allowed range, and exit code 2, with no traceback. ``run`` checks every spec
@@ -15,21 +17,28 @@ An interrupted run exits with code 130; the same command resumes it.
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from . import report, suites
+import numpy as np
+
+from . import report, store, suites
+from ._version import __version__
 from .engine import check_run_options, machine_info
-from .results import load
+from .results import PartialResultsWarning, load
 from .spec import FIELDS, Spec, SpecError, _range_text
 from .store import LoadError, RunError
-from .suites import DEFAULT_PROBLEMS, SUITES
+from .suites import DEFAULT_SUITE, PROFILES, SUITES
 
 EXIT_USAGE = 2
+EXIT_PARTIAL = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -73,28 +82,59 @@ def _add_spec_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="rlhf-bounds", description="Monte Carlo verification of RLHF generalisation bounds.")
+    parser.add_argument("--version", action="version", version=f"rlhf-bounds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    r = sub.add_parser("run", help="run a suite of simulated RLHF problems and print the summary",
-                       description="Run a suite: every regime simulates --problems independent problems, "
-                                   "measures the exact gap and its terms, and saves per-problem results.")
-    r.add_argument("--suite", default="decomposition", metavar="|".join(SUITES),
-                   help="which study to run (default decomposition: one regime per gap term; "
-                        "single: one spec from the options)")
-    r.add_argument("--problems", type=_number(int, "a whole number ≥ 1"), default=DEFAULT_PROBLEMS,
-                   help=f"problems per regime (default {DEFAULT_PROBLEMS}; allowed ≥ 1)")
+
+    sub.add_parser("list", help="list the suites: claim, profiles, sizes and estimated times here",
+                   description="List every suite with its claim and, per profile (--quick, default, --full), "
+                               "its regimes, problems and an estimate of the time on this machine.")
+
+    r = sub.add_parser("run", help="run a suite (default: decomposition), print its summary, save results and figures",
+                       description="Run a suite: every regime simulates its problems, measures the exact gap and "
+                                   "its terms beside every bound, saves per-problem results, and writes summary.md "
+                                   "and the suite's figures into the output folder. Rerunning the same command "
+                                   "resumes where it stopped.")
+    r.add_argument("suite", nargs="?", default=None, metavar="SUITE",
+                   help=f"the suite to run: {', '.join(SUITES)} (default {DEFAULT_SUITE}; 'rlhf-bounds list' "
+                        "describes them)")
+    r.add_argument("--suite", dest="suite_option", default=None, metavar="SUITE", help=argparse.SUPPRESS)
+    size = r.add_mutually_exclusive_group()
+    size.add_argument("--quick", dest="profile", action="store_const", const="quick",
+                      help="the suite's quick profile (minutes on a laptop)")
+    size.add_argument("--full", dest="profile", action="store_const", const="full",
+                      help="the suite's full profile (the scale a paper needs)")
+    r.add_argument("--problems", type=_number(int, "a whole number ≥ 1"), default=None,
+                   help="problems per regime (default: the suite's profile; allowed ≥ 1)")
     r.add_argument("--seed", type=_number(int, "a whole number in [0, 2^32)"), default=0,
                    help="PRNG seed (default 0; allowed [0, 2^32))")
     r.add_argument("--out", default=None,
-                   help="output folder (default runs/SUITE-seedSEED); rerunning the same command into it resumes")
+                   help="output folder (default runs/SUITE[-PROFILE]-seedSEED[-what differs from the default]); "
+                        "rerunning the same command into it resumes")
+    r.add_argument("--set", dest="set_fields", action="append", default=[], metavar="FIELD=VALUE",
+                   help="set a spec field in every regime (repeatable), e.g. --set beta=0.1")
+    r.add_argument("--force-set", action="store_true",
+                   help="allow --set (and spec options) to change a field that defines a regime")
+    r.add_argument("--config", default=None, metavar="FILE",
+                   help="rerun exactly the study configured in FILE (a config.json that a run wrote)")
     r.add_argument("--chunk-size", type=_number(int, "a whole number ≥ 1"), default=None,
-                   help="problems per compiled call (default: sized for memory; results do not depend on it, "
-                        "but resuming needs the same value)")
+                   help="problems per compiled call (default: sized for memory; resuming needs the same value)")
     r.add_argument("--overwrite", action="store_true", help="discard results already in --out")
     r.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     _add_spec_options(r)
 
-    rep = sub.add_parser("report", help="print the summary table of saved results")
-    rep.add_argument("path", help="a run or study folder written by 'rlhf-bounds run'")
+    rep = sub.add_parser("report", help="rebuild summary.md and the figures of saved results, and print the summary",
+                         description="Rebuild a study folder's summary.md and every figure from its saved results "
+                                     "(nothing is recomputed), and print the summary tables.")
+    rep.add_argument("path", help="a study or run folder written by 'rlhf-bounds run' or rlhf_bounds.run")
+    rep.add_argument("--partial", action="store_true",
+                     help="report an unfinished study or run (otherwise refused with exit code 3)")
+
+    ex = sub.add_parser("export", help="write one tidy table of saved results (CSV)",
+                        description="Write every regime's per-problem columns as one table, with the regime and "
+                                    "its swept fields as columns.")
+    ex.add_argument("path", help="a study or run folder")
+    ex.add_argument("--csv", nargs="?", const="", default=None, metavar="FILE",
+                    help="write CSV to FILE (default PATH/results.csv; '-' for standard output)")
     return parser
 
 
@@ -102,35 +142,151 @@ def _spec_overrides(args) -> dict:
     return {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
 
 
+def _default_out(suite_name: str, profile: str, seed: int, overrides: dict, problems: int | None,
+                 config: str | None) -> Path:
+    """runs/SUITE[-PROFILE]-seedSEED[-field=value...]: a fresh folder for every distinct study."""
+    parts = [suite_name] + ([profile] if profile != "default" else []) + [f"seed{seed}"]
+    extra = [f"{k}={v}" for k, v in sorted(overrides.items())]
+    if problems is not None:
+        extra.append(f"problems={problems}")
+    if config is not None:
+        extra.append("config-" + hashlib.sha256(Path(config).read_bytes()).hexdigest()[:8])
+    name = "-".join(parts + extra)
+    if len(name) > 100:
+        name = "-".join(parts) + "-" + hashlib.sha256(name.encode()).hexdigest()[:10]
+    return Path("runs") / name
+
+
+def cmd_list(args) -> int:
+    for s in SUITES.values():
+        print(f"{s.name}: {s.claim}")
+        for profile in PROFILES:
+            regimes = s.regimes(profile)
+            total = sum(r.problems for r in regimes)
+            flag = {"quick": "--quick", "default": "(default)", "full": "--full"}[profile]
+            print(f"    {flag:10s} {len(regimes)} regimes, {total:,} problems, about "
+                  f"{_duration(suites.estimate_seconds(regimes))}")
+    print(f"\nEstimates: {suites.estimate_basis()}")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def cmd_run(args) -> int:
     # Everything is checked before anything is compiled or written: every spec field of every regime,
     # the run options, then the output folder.
-    regimes = suites.suite(args.suite, **_spec_overrides(args))
-    check_run_options(args.problems, args.seed, args.chunk_size)
+    if args.suite and args.suite_option and args.suite != args.suite_option:
+        raise SpecError(f"two suites named: {args.suite!r} and --suite {args.suite_option!r}")
+    overrides = {**_spec_overrides(args), **suites.parse_set(args.set_fields)}
+    profile = args.profile or "default"
+    if args.config is not None:
+        config = store.read_config(args.config)
+        name = config.get("suite", DEFAULT_SUITE)
+        if args.suite or args.suite_option or overrides or args.problems or args.profile:
+            raise SpecError("--config reruns a configuration exactly: give no suite, --set, spec option, "
+                            "--problems, --quick or --full with it (edit the file instead)")
+        regimes = suites.regimes_from_config(config)
+        profile = config.get("profile") or "default"
+        suites.get(name)
+    else:
+        name = args.suite or args.suite_option or DEFAULT_SUITE
+        regimes = suites.suite_regimes(name, profile, overrides, force=args.force_set, problems=args.problems)
+    check_run_options(args.problems or 1, args.seed, args.chunk_size)
     if args.out is not None and not args.out.strip():
         raise SpecError("out='' is not a folder name")
-    out = Path(args.out) if args.out else Path("runs") / f"{args.suite}-seed{args.seed}"
-    suites.check_study(regimes, args.problems, seed=args.seed, out=out, chunk_size=args.chunk_size,
-                       overwrite=args.overwrite, suite_name=args.suite)
+    out = Path(args.out) if args.out else _default_out(name, profile, args.seed, overrides, args.problems,
+                                                       args.config)
+    suites.check_study(regimes, seed=args.seed, out=out, chunk_size=args.chunk_size, overwrite=args.overwrite,
+                       suite_name=name, profile=profile)
 
     info = machine_info()
-    print(f"rlhf-bounds run: suite {args.suite}, {len(regimes)} regime(s) × {args.problems} problems, "
-          f"seed {args.seed}, on {info['backend']} ({len(info['devices'])} device(s), {info['cpu']})", flush=True)
+    total = sum(r.problems for r in regimes)
+    print(f"rlhf-bounds run: suite {name} ({profile}), {len(regimes)} regime(s), {total:,} problems, seed {args.seed}, "
+          f"on {info['backend']} ({len(info['devices'])} device(s), {info['cpu']}); about "
+          f"{_duration(suites.estimate_seconds(regimes))}", flush=True)
+    if overrides:
+        print("overrides (every regime): " + ", ".join(f"{k}={v}" for k, v in overrides.items()), flush=True)
     t0 = time.perf_counter()
-    results = suites.run_study(regimes, args.problems, seed=args.seed, out=out, chunk_size=args.chunk_size,
-                        progress=not args.no_progress, overwrite=args.overwrite, suite_name=args.suite)
+    results = suites.run_suite(name, profile, seed=args.seed, out=out, chunk_size=args.chunk_size,
+                               progress=not args.no_progress, overwrite=args.overwrite, regimes=regimes)
     elapsed = time.perf_counter() - t0
     print()
-    print(report.summarise(results))
+    print(report.suite_text(results))
     print()
-    print(f"{sum(len(r) for _, r in results.items())} problems in {elapsed:.1f} s; results in {out}/ "
-          f"(load with rlhf_bounds.load({str(out)!r}))")
+    computed = sum(r.record.get("computed_problems", 0) for r in results.regimes.values())
+    print(f"{total:,} problems ({computed:,} computed now) in {elapsed:.1f} s; results, summary.md and figures in "
+          f"{out}/ (load with rlhf_bounds.load({str(out)!r}))")
     return 0
 
 
 def cmd_report(args) -> int:
-    print(report.summarise(load(args.path)))
+    results = load_quietly(args.path)
+    if not results.complete:
+        missing = "; ".join(results.missing) if isinstance(results.missing, list) else results.missing
+        line = (f"{args.path} holds partial results ({missing}); finish them by rerunning the command that made "
+                "them")
+        if not args.partial:
+            raise PartialError(line + ", or pass --partial to report what is there")
+        sys.stderr.write(f"rlhf-bounds: warning: {line}\n")
+    if hasattr(results, "regimes") and results.path is not None:
+        path = report.write_report(results)
+        sys.stderr.write(f"rlhf-bounds: wrote {path} and the figures in {store.figures_folder(results.path)}/\n")
+        print(report.suite_text(results))
+    else:
+        print(report.summarise(results))
     return 0
+
+
+def cmd_export(args) -> int:
+    results = load_quietly(args.path)
+    table = results.table() if hasattr(results, "regimes") else {"regime": None, **dict(results.columns)}
+    if table.get("regime") is None:
+        table["regime"] = np.full(len(results), "run", dtype=object)
+    if args.csv is None:
+        raise SpecError("export needs a format: --csv [FILE]")
+    target = Path(args.path) / "results.csv" if args.csv == "" else args.csv
+    rows = len(next(iter(table.values())))
+    if target == "-":
+        _write_csv(sys.stdout, table)
+    else:
+        with open(target, "w", newline="") as fh:
+            _write_csv(fh, table)
+        sys.stderr.write(f"rlhf-bounds: wrote {rows} rows × {len(table)} columns to {target}\n")
+    return 0
+
+
+def _write_csv(fh, table: dict) -> None:
+    writer = csv.writer(fh)
+    names = list(table)
+    writer.writerow(names)
+    cols = [table[k] for k in names]
+    for i in range(len(cols[0])):
+        writer.writerow([_csv_cell(c[i]) for c in cols])
+
+
+def _csv_cell(v):
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    if isinstance(v, np.integer):
+        return int(v)
+    return "" if v is None else v
+
+
+def load_quietly(path):
+    """:func:`rlhf_bounds.load` without its partial-results warning (the command line says it itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartialResultsWarning)
+        return load(path)
+
+
+class PartialError(RuntimeError):
+    """Partial results asked for without --partial."""
 
 
 def _attach_negative_values(argv: list[str]) -> list[str]:
@@ -161,12 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(list(sys.argv[1:] if argv is None else argv)))
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        return cmd_report(args)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "export": cmd_export}[args.command](args)
     except (SpecError, RunError, LoadError) as err:
         sys.stderr.write(f"rlhf-bounds: error: {err}\n")
         return EXIT_USAGE
+    except PartialError as err:
+        sys.stderr.write(f"rlhf-bounds: error: {err}\n")
+        return EXIT_PARTIAL
     except BrokenPipeError:  # the reader went away (rlhf-bounds report ... | head): nothing to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
@@ -175,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"rlhf-bounds: error: {where}{err.strerror or err}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write("\nrlhf-bounds: interrupted; finished chunks are saved, run the same command to resume\n")
+        message = "\nrlhf-bounds: interrupted; finished chunks are saved, run the same command to resume\n"
+        if argv is None:  # the program itself: leave now, before XLA's threads meet the teardown (_interrupt.py)
+            from ._interrupt import exit_now
+            exit_now(EXIT_INTERRUPTED, message)
+        sys.stderr.write(message)  # called as a function (tests): return the code
         return EXIT_INTERRUPTED
 
 

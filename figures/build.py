@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Rebuild the README's gallery: every suite's --quick run, its figures copied here as PNG.
+
+    python figures/build.py            # runs into runs/gallery/SUITE (resumes), copies the PNGs here
+
+It is the same as `rlhf-bounds run SUITE --quick --out runs/gallery/SUITE` for each suite, then a
+copy of each `runs/gallery/SUITE/figures/*.png` into this folder. Nothing here is edited by hand.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    from rlhf_bounds import cli, store, suites
+
+    for name, s in suites.SUITES.items():
+        if not s.figures:
+            continue
+        out = Path("runs") / "gallery" / name
+        code = cli.main(["run", name, "--quick", "--out", str(out), "--no-progress"])
+        if code:
+            return code
+        for fig in s.figures:
+            shutil.copy2(store.figures_folder(out) / f"{fig.name}.png", HERE / f"{fig.name}.png")
+            print(f"figures/{fig.name}.png: {fig.caption}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
