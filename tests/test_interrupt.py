@@ -30,11 +30,19 @@ PROBLEMS, SEED = 40, 3
 MESSAGE = "rlhf-bounds: interrupted; finished chunks are saved, run the same command to resume"
 
 
+def _default_sigint():
+    """In the child before exec: SIGINT to its default disposition. A shell that starts a job in the
+    background (``cmd &``, as CI harnesses and nohup runs do) ignores SIGINT for it, that disposition is
+    inherited through exec, and Python then installs no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """A running ``rlhf-bounds run`` whose stderr is read line by line as it comes."""
 
     def __init__(self, argv, env):
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                     preexec_fn=_default_sigint)
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
