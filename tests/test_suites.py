@@ -33,6 +33,11 @@ def smoke(name, tmp_path_factory):
     return _studies[name]
 
 
+def test_every_suite_module_imports():
+    """A suite module that fails to import is skipped with a warning (so the others still run); here it fails."""
+    assert suites.BROKEN == {}, suites.BROKEN
+
+
 @pytest.mark.parametrize("name", list(suites.SUITES))
 def test_suite_runs_and_writes_its_report(name, tmp_path_factory):
     out, study = smoke(name, tmp_path_factory)

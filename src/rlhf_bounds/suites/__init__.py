@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import warnings
 from typing import Any
 
 from ..results import StudyResults
@@ -22,7 +23,7 @@ from ..spec import Spec, SpecError
 from ._framework import (PROFILES, Figure, Regime, Suite, apply_overrides, check_study, estimate_basis,
                          estimate_seconds, parse_set, regimes_from_config, run_study, study_config, study_record)
 
-__all__ = ["SUITES", "DEFAULT_SUITE", "DEFAULT_PROBLEMS", "PROFILES", "Suite", "Regime", "Figure", "get", "suite",
+__all__ = ["SUITES", "BROKEN", "DEFAULT_SUITE", "DEFAULT_PROBLEMS", "PROFILES", "Suite", "Regime", "Figure", "get", "suite",
            "suite_regimes", "run_suite", "run_study", "check_study", "study_record", "study_config",
            "regimes_from_config", "apply_overrides", "parse_set", "estimate_seconds", "estimate_basis"]
 
@@ -32,12 +33,22 @@ DEFAULT_SUITE = "decomposition"
 DEFAULT_PROBLEMS = 1024
 
 
+#: Suite modules that failed to import: module name → the error, one line (a warning names each).
+BROKEN: dict[str, str] = {}
+
+
 def _discover() -> dict[str, Suite]:
     found = {}
     for info in pkgutil.iter_modules(__path__):
         if info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{__name__}.{info.name}")
+        try:
+            module = importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as e:  # one broken suite module must not take the others (and the CLI) down
+            BROKEN[info.name] = f"{type(e).__name__}: {e}"
+            warnings.warn(f"suite module {info.name!r} failed to import and is skipped ({BROKEN[info.name]})",
+                          stacklevel=2)
+            continue
         s = getattr(module, "SUITE", None)
         if isinstance(s, Suite):
             found[s.name] = s
