@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ from .spec import Spec
 from .status import status_code
 from .world import World, behaviour_log_probs, draw_prompts, draw_world, true_reward
 
-__all__ = ["ProblemKeys", "Prepared", "problem_keys", "prepare", "finish", "simulate", "simulate_batch",
+__all__ = ["ProblemKeys", "Prepared", "problem_keys", "prepare", "finish", "reward_hat", "Extra", "simulate", "simulate_batch",
            "default_finish_block", "batch_block", "SimulateKernel", "KERNEL", "ARRAY_FIELDS"]
 
 F32 = jnp.float32
@@ -75,8 +75,13 @@ def _oracle_residual(spec: Spec):
     return spec.sigma_xi if spec.reward_model == "oracle" else 0.0
 
 
-def _reward_hat(spec: Spec, theta_hat, prompts):
+def reward_hat(spec: Spec, theta_hat, prompts) -> jax.Array:
+    """r̂ on ``prompts`` (``[..., A]``): ⟨θ̂, φ⟩, plus σ_ξ ξ for the oracle reward (r̂ = r*, residual included).
+    The one place r̂ is written; studies that draw prompts of their own call it."""
     return prompts.phi @ theta_hat + _oracle_residual(spec) * prompts.xi
+
+
+_reward_hat = reward_hat
 
 
 def prepare(spec: Spec, key: jax.Array) -> Prepared:
@@ -175,8 +180,13 @@ def batch_block(spec: Spec, finish_block: int | None | str = "auto") -> int:
     return math.lcm(lane_block(spec), finish_block or 1)
 
 
+#: A study's extra columns: ``extra(spec, prep, fit, columns) -> {name: value}`` for one problem, called after
+#: :func:`finish` with its ``columns`` (see :func:`simulate_batch`).
+Extra = Callable[[Spec, Prepared, PolicyFit, dict], dict]
+
+
 def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array, finish_block: int | None | str = "auto",
-                   catalogue: bool = True) -> dict[str, jax.Array]:
+                   catalogue: bool = True, extra: Extra | None = None) -> dict[str, jax.Array]:
     """:func:`simulate` for P problems at once: ``keys`` ``[P]``, every result with a leading axis P.
 
     The three stages: :func:`prepare` for each problem (``vmap``); the policies of all P
@@ -186,6 +196,13 @@ def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array, finish_bl
     over blocks of ``finish_block`` problems at a time (``lax.map``; ``"auto"``:
     :func:`default_finish_block`; ``None``: all at once), so that the evaluation sets in flight
     stay small enough for the cache. ``catalogue=False`` leaves out the bound columns.
+
+    ``extra``: a study's own columns for each problem, ``extra(spec, prep, fit, columns)`` with
+    that problem's :class:`Prepared`, its trained :class:`~rlhf_bounds.learners.PolicyFit` and
+    :func:`finish`'s columns; they are added to the columns and the ``status`` code is recomputed
+    over all of them. The default columns stay those of the default kernel bit for bit. This is
+    how a study that needs the trained policies of the default pipeline (the clipping sweep,
+    the tightness ladder) plugs in without a copy of its stages.
 
     No arithmetic runs across problems, and every stage runs in blocks of fixed width: P is
     padded up to a multiple of :func:`batch_block` with copies of the first key (their results
@@ -201,7 +218,14 @@ def simulate_batch(spec: Spec, keys: jax.Array, shared_key: jax.Array, finish_bl
         keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (pad,) + keys.shape[1:])])
     prep = jax.vmap(lambda k: prepare(spec, k))(keys)
     fit = train_policies(spec, prep.data, prep.world.w_ref, minibatch_indices(spec, shared_key))
-    finish_one = lambda args: finish(spec, *args, catalogue=catalogue)
+    def finish_one(args):
+        p, f = args
+        out = finish(spec, p, f, catalogue=catalogue)
+        if extra is not None:
+            out.update(extra(spec, p, f, out))
+            out["status"] = status_code(spec, out)
+        return out
+
     if finish_block is None or finish_block >= P + pad:
         out = jax.vmap(finish_one)((prep, fit))
     else:
