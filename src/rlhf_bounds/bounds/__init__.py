@@ -86,6 +86,15 @@ from ._divergences import (  # noqa: E402
 )
 from ._numerics import BISECTION_ITERATIONS, tail_threshold  # noqa: E402
 from ._statistics import clopper_pearson_interval, clopper_pearson_lower, clopper_pearson_upper  # noqa: E402
+from ._tightness import (  # noqa: E402
+    SamplingRungs,
+    bernstein_rollout,
+    bernstein_sampling_bound,
+    empirical_bernstein_prompt,
+    hoeffding_sampling_terms,
+    kl_deviation,
+    kl_sampling_bound,
+)
 
 __all__ = [
     "BISECTION_ITERATIONS",
@@ -126,4 +135,11 @@ __all__ = [
     "clopper_pearson_upper",
     "clopper_pearson_lower",
     "clopper_pearson_interval",
+    "SamplingRungs",
+    "kl_deviation",
+    "hoeffding_sampling_terms",
+    "kl_sampling_bound",
+    "empirical_bernstein_prompt",
+    "bernstein_rollout",
+    "bernstein_sampling_bound",
 ]
