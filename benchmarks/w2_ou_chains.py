@@ -1,20 +1,18 @@
-"""W2 `ou-chains`: constant-step SGD chains from the maximiser, empirical covariance, both Lyapunov solves.
+"""W2 `ou-chains`: many constant-step SGD chains per problem from w_S, through the engine and beside a plain reference.
 
-Per problem (docs/theory.md §4–§9 B5), built from the engine's public functions
-(``rlhf_bounds.world``, ``rlhf_bounds.learners.prompt_objective`` / ``exact_gradient``):
+Both paths compute the same thing for each problem (docs/theory.md §8.2–§8.5): the problem's world and
+training sample (``rlhf_bounds.simulate.prepare``), w_S, H, C_g and the two predictions
+(``rlhf_bounds.ou_chains.ou_setup``), then ``chains`` constant-step SGD chains of T steps from w_S,
+each with its own minibatch index sequence (``ou_chains.chain_indices``, shared by the problems), a
+burn-in and batch means of x = w − w_S and x xᵀ, and the summary columns
+(``ou_chains.summarise_moments``). They differ only in how the chains run:
 
-1. world and n training prompts; reward the oracle r* = ⟨θ*, φ⟩ + σ_ξ ξ with σ_ξ > 0
-   (misspecified, so the per-prompt gradients do not all vanish at w_S and C_g ≠ 0:
-   the realizable corner of B5 is degenerate), exact log-ratio (τ = ∞);
-2. w_S = argmax F_S by Newton's method from w_ref + θ*/β (the realizable optimum);
-3. H = −∇²F_S(w_S) (autodiff), C_g = Cov_i ∇f_i(w_S) over the n prompts (divisor n);
-4. ``chains`` constant-step SGD chains (step η, batch b of prompts with replacement, exact
-   gradient over responses) started at w_S, T steps; each chain has its own index sequence,
-   shared by the problems (each problem has its own data, so problems stay independent);
-5. the empirical covariance of w_t − w̄ pooled over chains and over the second half of the steps;
-6. continuous Lyapunov HΣ + ΣH = (η/b)C_g and discrete Σ = (I−ηH)Σ(I−ηH)ᵀ + (η²/b)C_g, both by
-   ``rlhf_bounds.ou``'s solvers (float64), and the relative Frobenius error of the empirical
-   covariance against each.
+* **engine**: ``rlhf_bounds.ou_chains.OUChainKernel(bounds=False)`` compiled by the engine
+  (``engine.compile_chunk``, what ``rlhf_bounds.run`` calls): the learner's own ``step`` on
+  problem-last lanes (chains × problem_block lanes), running sums carried in the scan;
+* **plain**: ``jit(vmap(vmap(chain)))`` written straightforwardly: one chain of one problem is a
+  ``lax.scan`` of w ← w + η·mean_j ∇f_{i_j}(w) with ``learners.exact_gradient`` per prompt, keeping
+  its own per-batch sums; ``vmap`` over chains, then over problems.
 """
 
 from __future__ import annotations
@@ -23,6 +21,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 F32, F64 = jnp.float32, jnp.float64
 
@@ -38,7 +37,9 @@ class W2Shape:
     beta: float = 0.5
     lr: float = 1.0
     sigma_xi: float = 0.5
-    newton: int = 12
+    burn_fraction: float = 0.2
+    batches: int = 4
+    problem_block: int = 8
 
 
 W2 = W2Shape()
@@ -51,85 +52,66 @@ def w2_spec(s: W2Shape = W2):
                    beta=s.beta, lr=s.lr, sigma_xi=s.sigma_xi)
 
 
-def lyapunov_solves(H, C_g, lr, b):
-    """(Σ_continuous, Σ_discrete) in float64 by the package's solvers (``rlhf_bounds.ou``)."""
-    from rlhf_bounds import ou
-    eye = jnp.eye(H.shape[0], dtype=F64)
-    return ou.lyapunov_continuous(H, (lr / b) * C_g), ou.lyapunov_discrete(eye - lr * H, (lr * lr / b) * C_g)
+def engine_kernel(s: W2Shape = W2):
+    from rlhf_bounds.ou_chains import OUChainKernel
+    return OUChainKernel(chains=s.chains, burn_fraction=s.burn_fraction, batches=s.batches,
+                         problem_block=s.problem_block, bounds=False)
 
 
-def make_kernel(s: W2Shape = W2):
-    """jit(vmap(one_problem)) over a chunk's problem keys; chain index sequences shared."""
-    from rlhf_bounds.learners import exact_gradient, prompt_objective
-    from rlhf_bounds.world import draw_prompts, draw_world, true_reward
+def make_plain(s: W2Shape = W2):
+    """The plain reference: ``jit(chunk(problems_key, shared_key, idx))`` with the chains as vmap(vmap(chain))."""
+    from rlhf_bounds import ou_chains as oc
+    from rlhf_bounds.learners import exact_gradient
+    from rlhf_bounds.simulate import prepare
 
     spec = w2_spec(s)
-    beta, tau = s.beta, jnp.inf
-    burn = s.T // 2
+    kernel = engine_kernel(s)
+    burn, length = kernel.check(spec)
+    beta, tau, eta = s.beta, jnp.inf, s.lr
 
-    def one_problem(key, chain_idx):
-        k_world, k_data = jax.random.split(key)
-        world = draw_world(spec, k_world)
-        prompts = draw_prompts(spec, world, k_data, s.n)
-        phi, reward = prompts.phi, true_reward(spec, world, prompts)
-        w_ref = world.w_ref
+    def chain(w_s, w_ref, phi, reward, idx):          # idx [T, b]: one chain of one problem
+        w0 = w_s.astype(F32)
 
-        def F(w):
-            return jnp.mean(jax.vmap(prompt_objective, (None, None, 0, 0, None, None))(w, w_ref, phi, reward,
-                                                                                     beta, tau))
-
-        grad_F, hess_F = jax.grad(F), jax.hessian(F)
-
-        def newton(w, _):
-            return w - jnp.linalg.solve(hess_F(w), grad_F(w)), None
-
-        w_s, _ = jax.lax.scan(newton, w_ref + world.theta_star / beta, None, length=s.newton)
-        H = -jnp.asarray(hess_F(w_s), F64)
-        H = 0.5 * (H + H.T)
-        g_i = jnp.asarray(jax.vmap(exact_gradient, (None, None, 0, 0, None, None))(w_s, w_ref, phi, reward,
-                                                                                  beta, tau), F64)
-        gc = g_i - jnp.mean(g_i, 0)
-        C_g = gc.T @ gc / s.n
-
-        def step(carry, idx_t):                      # idx_t [chains, b]
-            w, s1, s2, t = carry
-            g = jax.vmap(lambda wc, ic: jnp.mean(jax.vmap(exact_gradient, (None, None, 0, 0, None, None))(
-                wc, w_ref, phi[ic], reward[ic], beta, tau), 0))(w, idx_t)
-            w = w + s.lr * g
+        def step(carry, inp):
+            w, bx, bxx = carry
+            t, i = inp
+            g = jnp.mean(jax.vmap(exact_gradient, (None, None, 0, 0, None, None))(w, w_ref, phi[i], reward[i],
+                                                                                  beta, tau), axis=0)
+            w = w + eta * g
+            x = w - w0
+            j = jnp.clip((t - burn) // length, 0, s.batches - 1)
             keep = (t >= burn).astype(F32)
-            dw = w - w_s
-            s1 = s1 + keep * dw
-            s2 = s2 + keep * jnp.einsum("ci,cj->ij", dw, dw)
-            return (w, s1, s2, t + 1), None
+            bx = bx.at[j].add(keep * x)
+            bxx = bxx.at[j].add(keep * jnp.outer(x, x))
+            return (w, bx, bxx), None
 
-        w0 = jnp.broadcast_to(w_s, (s.chains, s.d))
-        init = (w0, jnp.zeros((s.chains, s.d), F32), jnp.zeros((s.d, s.d), F32), jnp.zeros((), jnp.int32))
-        (w_T, s1, s2, _), _ = jax.lax.scan(step, init, chain_idx)
-        count = s.chains * (s.T - burn)
-        mean = jnp.sum(s1, 0) / count
-        emp = jnp.asarray(s2 / count, F64) - jnp.outer(mean, mean).astype(F64)
-        cont, disc = lyapunov_solves(H, C_g, s.lr, s.b)
-        lam = jnp.linalg.eigvalsh(H)
-        rel = lambda X: jnp.linalg.norm(emp - X) / jnp.linalg.norm(X)
-        return {
-            "grad_norm_at_ws": jnp.linalg.norm(grad_F(w_s)),
-            "h_min_eig": lam[0], "h_max_eig": lam[-1],
-            "cg_trace": jnp.trace(C_g),
-            "sigma_emp_trace": jnp.trace(emp),
-            "sigma_cont_trace": jnp.trace(cont),
-            "sigma_disc_trace": jnp.trace(disc),
-            "rel_err_cont": rel(cont),
-            "rel_err_disc": rel(disc),
-            "mean_offset_norm": jnp.linalg.norm(mean),
-        }
+        init = (w0, jnp.zeros((s.batches, s.d), F32), jnp.zeros((s.batches, s.d, s.d), F32))
+        (_, bx, bxx), _ = jax.lax.scan(step, init, (jnp.arange(s.T), idx))
+        m, M = jnp.asarray(bx, F64) / length, jnp.asarray(bxx, F64) / length
+        return m.sum(0), jnp.einsum("ji,jk->ik", m, m), M.sum(0), (M * M).sum(0)
 
-    def chunk(root, idx, chain_idx):
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(root, idx)
-        return jax.vmap(one_problem, (0, None))(keys, chain_idx)
+    def chunk(problems_key, shared_key, gidx):
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(problems_key, gidx)
+        prep = jax.vmap(lambda k: prepare(spec, k))(keys)
+        w0 = prep.world.w_ref + prep.theta_hat / spec.beta
+        setup = oc.ou_setups(spec, prep.data, prep.world.w_ref, w0, kernel.newton_steps, kernel.grad_tol)
+        idx = jnp.moveaxis(oc.chain_indices(spec, s.chains, shared_key), -1, 0)      # [C, T, b]
+        per_chain = jax.vmap(chain, (None, None, None, None, 0))
+        sums = jax.vmap(per_chain, (0, 0, 0, 0, None))(setup.max.w, prep.world.w_ref, prep.data.phi,
+                                                        prep.data.reward, idx)       # each [P, C, ...]
+        n_b = float(s.chains * s.batches)
+        P = gidx.shape[0]
+        mom = oc.ChainMoments(jnp.full((P,), n_b, F64), jnp.full((P,), float(length), F64),
+                              *(x.sum(axis=1) for x in sums))
+        return jax.vmap(lambda st, mo: oc.summarise_moments(spec, st, mo, burn))(setup, mom)
 
     return jax.jit(chunk)
 
 
-def chain_indices(s: W2Shape, seed: int = 0):
-    """[T, chains, b] minibatch indices, one sequence per chain, shared by every problem."""
-    return jax.random.randint(jax.random.key(seed + 7919), (s.T, s.chains, s.b), 0, s.n, dtype=jnp.int32)
+def flops_per_chain_step(s: W2Shape = W2) -> dict:
+    """Hand count of one chain step: b prompts' exact gradients (logits A·d multiply-adds, softmax and
+    the coefficients ≈ 12·A, the spread A·d multiply-adds and the mean E_πφ A·d), the update, and the
+    batch sums (d + d² adds, d² multiplies); bytes: the b prompts' features and rewards read once."""
+    per_prompt = 2 * (3 * s.A * s.d) + 12 * s.A
+    flops = s.b * per_prompt + 2 * s.d + 2 * s.d * s.d + s.d
+    return {"flops": flops, "bytes": s.b * (s.A * s.d + s.A) * 4}

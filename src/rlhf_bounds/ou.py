@@ -12,7 +12,8 @@ exists) and with a per-element flag (``solve_lyapunov_continuous``,
 ``solve_lyapunov_discrete`` → ``LyapunovSolution(sigma, ok)``); and SGD's predicted
 stationary covariance (``ou_covariance_continuous``, ``ou_covariance_discrete``).
 :mod:`rlhf_bounds.bounds` re-exports the array solvers with the rest of the catalogue's
-float64 numerics.
+float64 numerics. :mod:`rlhf_bounds.ou_chains` checks the predictions against SGD itself: many
+chains of the learner's own step at w_S, as an engine kernel (the suite ``ou``).
 """
 
 from __future__ import annotations
