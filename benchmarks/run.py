@@ -341,73 +341,102 @@ def workload_w1_all(args) -> dict:
 # W2: OU chains
 # ================================================================================================
 def workload_w2(args) -> dict:
+    """W2 through the engine kernel (``ou_chains.OUChainKernel`` via ``engine.compile_chunk``) and the plain
+    ``jit(vmap(vmap(chain)))`` reference on the same problems, interleaved repeat by repeat."""
     import dataclasses
     import jax
     import roofline
     import w2_ou_chains as w2
+    from jax.sharding import Mesh
+    from rlhf_bounds import engine
 
     s = dataclasses.replace(w2.W2, chains=args.chains or w2.W2.chains, T=args.steps or w2.W2.T)
     P = args.problems or 256
-    chunk = min(args.chunk or 8, P)
-    kernel = w2.make_kernel(s)
-    ci = w2.chain_indices(s, args.seed)
-    root = jax.random.key(args.seed + 2)
-    log(f"W2: {P} problems × {s.chains} chains, T={s.T}, b={s.b}, chunk {chunk}; compiling ...")
+    spec = w2.w2_spec(s)
+    kernel = w2.engine_kernel(s)
+    chunk = min(args.chunk or engine.default_chunk_size(spec), P)
+    plain_chunk = min(args.plain_chunk or 8, P)
+    problems_key, shared_key = engine.problem_keys(args.seed)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("problems",))
+    idx = lambda lo, count, c: jax.numpy.asarray(engine.chunk_indices(lo, count, c))
+    log(f"W2: {P} problems × {s.chains} chains, T={s.T}, b={s.b}, engine chunk {chunk}, plain chunk {plain_chunk}")
+
     t0 = time.perf_counter()
-    idx0 = jax.numpy.arange(chunk, dtype=np.int32)
-    compiled = kernel.lower(root, idx0, ci).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(root, idx0, ci))   # warm-up
+    eng = engine.compile_chunk(spec, problems_key, shared_key, idx(0, chunk, chunk), mesh, kernel)
+    compile_engine = time.perf_counter() - t0
+    plain_fn = w2.make_plain(s)
+    t0 = time.perf_counter()
+    plain = plain_fn.lower(problems_key, shared_key, idx(0, plain_chunk, plain_chunk)).compile()
+    compile_plain = time.perf_counter() - t0
 
-    def run_all():
-        outs = []
-        for lo in range(0, P, chunk):
-            count = min(chunk, P - lo)
-            idx = np.arange(lo, lo + chunk, dtype=np.int32)
-            idx[count:] = lo
-            res = jax.device_get(compiled(root, jax.numpy.asarray(idx), ci))
-            outs.append({k: np.asarray(v)[:count] for k, v in res.items()})
-        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    def memory(compiled):
+        try:
+            m = compiled.memory_analysis()
+            return {"temp_mb": m.temp_size_in_bytes / 2**20, "argument_mb": m.argument_size_in_bytes / 2**20,
+                    "output_mb": m.output_size_in_bytes / 2**20}
+        except Exception:  # not every backend reports it
+            return None
 
-    times, cpus, loads, cols = [], [], [], None
+    def run_all(call, c):
+        cols: dict[str, list] = {}
+        for lo in range(0, P, c):
+            count = min(c, P - lo)
+            res = jax.device_get(call(idx(lo, count, c)))
+            for k, v in res.items():
+                if np.ndim(v) == 1:
+                    cols.setdefault(k, []).append(np.asarray(v)[:count])
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
+    run_engine = lambda: run_all(lambda i: eng(spec, problems_key, shared_key, i), chunk)
+    run_plain = lambda: run_all(lambda i: plain(problems_key, shared_key, i), plain_chunk)
+    jax.block_until_ready(eng(spec, problems_key, shared_key, idx(0, chunk, chunk)))      # warm-up
+    jax.block_until_ready(plain(problems_key, shared_key, idx(0, plain_chunk, plain_chunk)))
+    rates = {"engine": [], "plain": []}
+    cpu = {"engine": [], "plain": []}
+    loads, cols = [], {}
     for r in range(args.repeats):
-        with common.Timer() as tm:
-            cols = run_all()
-        times.append(tm.wall)
-        cpus.append(tm.cpu)
-        loads.append(tm.load)
-        log(f"repeat {r + 1}/{args.repeats}: {P * s.chains / times[-1]:.1f} chains·problems/s "
-            f"(cpu share {tm.cpu / tm.wall:.2f}, load {tm.load:.1f})")
-    rates = sorted(P * s.chains / t for t in times)
-    med = statistics.median(rates)
-    spread = 100 * (rates[-1] - rates[0]) / med
+        for name, fn in (("engine", run_engine), ("plain", run_plain)):
+            with common.Timer() as tm:
+                cols[name] = fn()
+            rates[name].append(P / tm.wall)
+            cpu[name].append(tm.cpu)
+            loads.append(tm.load)
+            log(f"repeat {r + 1}/{args.repeats} {name}: {P / tm.wall:.2f} problems/s (cpu share {tm.cpu / tm.wall:.2f}, "
+                f"load {tm.load:.1f})")
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    ratios = [e / p for e, p in zip(rates["engine"], rates["plain"])]
+    ratio = statistics.median(ratios)
+    # CPU seconds per problem, plain over engine: the ratio a loaded machine distorts least
+    ratio_cpu = statistics.median(p / e for e, p in zip(cpu["engine"], cpu["plain"]))
+    spread = 100 * (max(rates["engine"]) - min(rates["engine"])) / med["engine"]
 
-    # roofline of one chain step: b exact per-prompt gradients (autodiff: forward + backward ≈ 2×
-    # the hand count of checkpoints' per-prompt gradient), the update and the covariance accumulation.
-    counts = roofline.w1_counts(W1)
-    per_prompt_grad = counts["stages"]["checkpoints"]["flops"] / (W1.checkpoints * W1.n)
-    flops_step = s.b * per_prompt_grad + 2 * s.d + 2 * s.d * s.d
-    bytes_step = s.b * (s.A * s.d + s.A) * 4
-    limits = roofline.measure(W1, chunk, quick=args.quick)
-    chain_steps_per_s = med * s.T
-    frac = {"compute": chain_steps_per_s * flops_step / (limits["peak_gflops"] * 1e9),
-            "memory": chain_steps_per_s * bytes_step / (limits["peak_gbs"] * 1e9),
-            "flops_per_chain_step": flops_step, "bytes_per_chain_step": bytes_step}
-    summary = {k: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)),
-                   "p95": float(np.percentile(v, 95))} for k, v in cols.items()}
-    line = (f"W2 ou-chains: {_fmt_rate(med)} chains·problems/s = {_fmt_rate(med / s.chains)} problems/s "
-            f"(median of {args.repeats}, spread {spread:.1f}%, {P} problems × {s.chains} chains, T={s.T}, "
-            f"chunk {chunk}) | ×R1 n/a | ×R2 n/a | roofline: compute {100 * frac['compute']:.2f}%, "
-            f"memory {100 * frac['memory']:.2f}% | compile {compile_s:.1f} s | peak RSS {peak_rss_mb():,.0f} MB | "
-            f"OU rel. Frobenius error median: continuous {summary['rel_err_cont']['median']:.3f}, "
-            f"discrete {summary['rel_err_disc']['median']:.3f}; tr C_g median {summary['cg_trace']['median']:.2e}")
+    counts = w2.flops_per_chain_step(s)
+    limits = roofline.measure(W1, 256, quick=args.quick)
+    chain_steps = med["engine"] * s.chains * s.T
+    frac = {"compute": chain_steps * counts["flops"] / (limits["peak_gflops"] * 1e9),
+            "memory": chain_steps * counts["bytes"] / (limits["peak_gbs"] * 1e9),
+            "flops_per_chain_step": counts["flops"], "bytes_per_chain_step": counts["bytes"]}
+    summary = {name: {k: {"median": float(np.median(v)), "p5": float(np.percentile(v, 5)),
+                          "p95": float(np.percentile(v, 95))} for k, v in c.items()} for name, c in cols.items()}
+    agree = {k: float(np.max(np.abs(cols["engine"][k] - cols["plain"][k]) / np.maximum(np.abs(cols["plain"][k]), 1e-30)))
+             for k in ("chain_sigma_disc_trace", "chain_h_min_eig")}
+    e_err, p_err = summary["engine"]["chain_rel_err_disc"]["median"], summary["plain"]["chain_rel_err_disc"]["median"]
+    mem = {"engine": memory(eng), "plain": memory(plain)}
+    line = (f"W2 ou-chains: engine {_fmt_rate(med['engine'])} problems/s, plain jit(vmap(vmap(chain))) "
+            f"{_fmt_rate(med['plain'])} problems/s, ratio {ratio:.2f}× ({ratio_cpu:.2f}× in CPU time; median of {args.repeats} paired repeats, "
+            f"engine spread {spread:.1f}%; {P} problems × {s.chains} chains, T={s.T}) | roofline: compute "
+            f"{100 * frac['compute']:.2f}%, memory {100 * frac['memory']:.2f}% | compile {compile_engine:.1f} s engine, "
+            f"{compile_plain:.1f} s plain | peak RSS {peak_rss_mb():,.0f} MB | OU rel. Frobenius error vs discrete, "
+            f"median: engine {e_err:.3f}, plain {p_err:.3f}")
     print(line)
-    return {"workload": "W2", "line": line, "problems_per_s": med / s.chains, "chains_problems_per_s": med,
-            "chains_problems_per_s_spread_pct": spread, "seconds": times, "cpu_s": cpus, "loadavg_1min": loads,
-            "cpu_ms_per_chain_problem": 1e3 * statistics.median(c / (P * s.chains) for c in cpus),
-            "problems": P, "chains": s.chains, "chunk": chunk,
+    return {"workload": "W2", "line": line, "problems_per_s": med["engine"], "plain_problems_per_s": med["plain"],
+            "ratio_plain": ratio, "ratio_plain_repeats": ratios, "ratio_plain_cpu": ratio_cpu, "problems_per_s_repeats": rates,
+            "engine_spread_pct": spread, "cpu_s": cpu, "loadavg_1min": loads,
+            "chains_problems_per_s": med["engine"] * s.chains, "problems": P, "chains": s.chains,
+            "chunk": chunk, "plain_chunk": plain_chunk, "kernel": kernel.name,
             "ratio_r1": None, "ratio_r2": None, "roofline_fraction": frac, "limits": limits,
-            "compile_s": compile_s, "peak_rss_mb": peak_rss_mb(), "ou_summary": summary,
+            "compile_s": compile_engine, "compile_plain_s": compile_plain, "memory": mem,
+            "peak_rss_mb": peak_rss_mb(), "ou_summary": summary, "setup_agreement": agree,
             "shape": s.__dict__, "machine": common.machine()}
 
 
@@ -576,10 +605,11 @@ def update_readme(path: str | os.PathLike, rows: dict[str, str]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", required=True, choices=["W1", "W1-all", "W2", "W3", "profile", "scaling", "sgd-step"])
+    ap.add_argument("--workload", required=True, choices=["W1", "W1-all", "W2", "W3", "profile", "scaling", "sgd-step",
+                                                          "stability"])
     ap.add_argument("--problems", type=int, help="problems (W1 4096, W2 256, W3 1,000,000 by default)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    ap.add_argument("--chunk", type=int, help="problems per compiled call (engine default for W1/W3, 8 for W2)")
+    ap.add_argument("--chunk", type=int, help="problems per compiled call (default: the engine's)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smaller roofline probes")
@@ -598,6 +628,7 @@ def main(argv=None) -> int:
     g2 = ap.add_argument_group("W2")
     g2.add_argument("--chains", type=int)
     g2.add_argument("--steps", type=int)
+    g2.add_argument("--plain-chunk", type=int, help="problems per call of W2's plain reference (default 8)")
     g3 = ap.add_argument_group("W3")
     g3.add_argument("--out", help="W3 run folder (default: a folder in the temp dir)")
     g3.add_argument("--resume", action="store_true", help="resume the folder instead of overwriting it")
@@ -626,6 +657,9 @@ def main(argv=None) -> int:
     elif args.workload == "sgd-step":
         import sgd_step
         out = sgd_step.workload_sgd_step(args)
+    elif args.workload == "stability":
+        import stability
+        out = stability.workload_stability(args)
     else:
         import profile_stages
         out = profile_stages.main(args)

@@ -17,6 +17,7 @@ the gap is evaluated: B2 needs a bounded objective, and Q's support is all of R^
 
 from __future__ import annotations
 
+import matplotlib.ticker
 import numpy as np
 
 from .. import plots
@@ -307,11 +308,13 @@ def bound_vs_step(study):
     fig, axes = plots.figure(2, width=2 * plots.COLUMN_WIDTH, aspect=0.75)
     ax, ax2 = axes.flat
     batches = sorted({int(_spec(r)["batch"]) for _, r in study.items()})
+    x_all = []
     for j, b in enumerate(batches):
         sweep = [(e, n, r) for e, n, r in _sweep(study, b) if r.ok.any()]
         if not sweep:
             continue
         x = np.array([e / b for e, _, _ in sweep])
+        x_all.extend(x)
         q = np.array([_quartiles(_col(r, "b2_gauss_total")) for _, _, r in sweep])
         plots.interval_bars(ax, x, q[:, 0], q[:, 2], centre=q[:, 1], color=plots.colour(2 * j),
                             label=f"B2 Gaussian bound, b = {b}", marker="o")
@@ -332,6 +335,8 @@ def bound_vs_step(study):
         a.set_xscale("log")
         a.set_yscale("log")
         a.set_xlabel("η / b (log)")
+        a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # the crowded minor labels overlapped
+        a.set_xticks(sorted({float(v) for v in x_all}), [f"{v:g}" for v in sorted({float(v) for v in x_all})])
         a.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1)
     ax.set_ylabel("value (log)")
     ax.set_title("B2 with the OU posterior and the gap it bounds")
