@@ -19,6 +19,7 @@ import pytest
 
 import rlhf_bounds as rb
 from rlhf_bounds import cli, report, store, suites
+from rlhf_bounds.simulate import KERNEL
 from rlhf_bounds.spec import SpecError
 
 SMOKE_PROBLEMS = 16
@@ -92,6 +93,16 @@ def test_config_round_trip_reruns_the_same_study(tmp_path_factory, tmp_path):
     assert cli.main(["run", "--config", str(edited), "--out", str(out), "--no-progress"]) == 2
 
 
+def test_a_suite_with_its_own_kernel_resumes_from_the_command_line(tmp_path_factory):
+    """The command line checks the folder with the suite's own kernel (the OU chains here), so rerunning
+    the same command resumes instead of refusing the folder as another kernel's."""
+    out, _ = smoke("ou", tmp_path_factory)
+    assert suites.get("ou").kernel.name != KERNEL.name
+    assert cli.main(["run", "ou", "--quick", "--problems", str(SMOKE_PROBLEMS), "--chunk-size", str(SMOKE_PROBLEMS),
+                     "--out", str(out), "--no-progress"]) == 0
+    assert all(r.record["computed_problems"] == 0 for r in rb.load(out).regimes.values())
+
+
 def test_set_refuses_a_defining_field_unless_forced():
     with pytest.raises(SpecError, match="defining field tau of regime 'clipped'"):
         suites.suite_regimes("decomposition", "quick", {"tau": 0.2})
@@ -147,3 +158,17 @@ def test_valid_shrink_factor_against_a_sorted_reference():
     cstar, lo, hi = report.valid_shrink_factor(actual[order], bound[order], 0.05)
     assert cstar == pytest.approx(0.951, abs=1e-9) and lo <= cstar <= hi
     assert np.mean(actual > cstar * bound) <= 0.05 < np.mean(actual > 0.5 * cstar * bound)
+
+
+def test_the_time_estimate_counts_a_kernels_own_work():
+    """The OU chains' work is chains × T × b × A × d per problem on top of Newton and the default finishing
+    stage: the estimate the command line prints for the suite must include it (without it, the quick
+    profile, about a minute here, was announced as 14 s)."""
+    from rlhf_bounds.suites import _framework
+
+    regimes = suites.suite_regimes("ou", "quick")
+    kernel = suites.get("ou").kernel
+    chain_units = sum(r.problems * kernel.chains * r.spec.steps * r.spec.batch * r.spec.actions * r.spec.d
+                      for r in regimes)
+    extra = suites.estimate_seconds(regimes, kernel) - suites.estimate_seconds(regimes)
+    assert extra >= chain_units * _framework.SECONDS_PER_UNIT > 0

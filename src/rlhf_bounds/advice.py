@@ -205,6 +205,14 @@ class ClipSweepKernel:
     def name(self) -> str:
         return "clip-sweep(taus=" + ",".join(f"{t:g}" for t in self.taus) + ")"
 
+    def work_units(self, spec: Spec) -> float:
+        """One problem's work in the units of :func:`rlhf_bounds.suites.estimate_seconds`: the default
+        kernel's, and B1 and G at every τ of the grid (the evaluation set and the fresh sample again)."""
+        from .suites._framework import work_units
+
+        per_prompt = spec.actions * spec.d
+        return work_units(spec) + len(self.taus) * 3 * (spec.eval_prompts + spec.prompts) * per_prompt
+
     def __call__(self, spec: Spec, keys: jax.Array, shared_key: jax.Array) -> dict[str, jax.Array]:
         return simulate_batch(spec, keys, shared_key, self.finish_block,
                               extra=lambda s, p, f, c: clip_sweep_columns(s, p, f.w_last, c, self.taus))

@@ -165,7 +165,7 @@ def cmd_list(args) -> int:
             total = sum(r.problems for r in regimes)
             flag = {"quick": "--quick", "default": "(default)", "full": "--full"}[profile]
             print(f"    {flag:10s} {len(regimes)} regimes, {total:,} problems, about "
-                  f"{_duration(suites.estimate_seconds(regimes))}")
+                  f"{_duration(suites.estimate_seconds(regimes, s.kernel))}")
     print(f"\nEstimates: {suites.estimate_basis()}")
     return 0
 
@@ -202,14 +202,15 @@ def cmd_run(args) -> int:
         raise SpecError("out='' is not a folder name")
     out = Path(args.out) if args.out else _default_out(name, profile, args.seed, overrides, args.problems,
                                                        args.config)
+    kernel = suites.get(name).kernel
     suites.check_study(regimes, seed=args.seed, out=out, chunk_size=args.chunk_size, overwrite=args.overwrite,
-                       suite_name=name, profile=profile)
+                       suite_name=name, profile=profile, kernel=kernel)
 
     info = machine_info()
     total = sum(r.problems for r in regimes)
     print(f"rlhf-bounds run: suite {name} ({profile}), {len(regimes)} regime(s), {total:,} problems, seed {args.seed}, "
           f"on {info['backend']} ({len(info['devices'])} device(s), {info['cpu']}); about "
-          f"{_duration(suites.estimate_seconds(regimes))}", flush=True)
+          f"{_duration(suites.estimate_seconds(regimes, kernel))}", flush=True)
     if overrides:
         print("overrides (every regime): " + ", ".join(f"{k}={v}" for k, v in overrides.items()), flush=True)
     t0 = time.perf_counter()

@@ -394,6 +394,17 @@ class OUChainKernel:
                 f"newton={self.newton_steps},tol={self.grad_tol:g},block={self.problem_block},"
                 f"bounds={int(self.bounds)},finish={self.finish_block})")
 
+    def work_units(self, spec: Spec) -> float:
+        """One problem's work in the units of :func:`rlhf_bounds.suites.estimate_seconds`: the chains' steps
+        (chains × T × b prompts × A × d), Newton at w_S, and the default finishing stage with ``bounds``."""
+        from .learners import batch_size
+        from .suites._framework import work_units
+
+        per_prompt = spec.actions * spec.d
+        chains = self.chains * spec.steps * batch_size(spec) * per_prompt
+        newton = self.newton_steps * spec.prompts * per_prompt * spec.d
+        return chains + newton + (work_units(spec) if self.bounds else 0.0)
+
     def check(self, spec: Spec) -> tuple[int, int]:
         """(burn-in, batch length) for this spec; :class:`SpecError` for a spec the chains do not model."""
         if spec.learner != "SGD" or spec.schedule != "constant":

@@ -349,6 +349,16 @@ class StabilityKernel:
         return (f"stability-R{self.replacements}-opt{self.opt_steps}x{self.opt_step:g}-pop{self.pop_steps}"
                 f"-sga{self.sga_factor}-diag{self.diag_prompts}-fb{self.finish_block}")
 
+    def work_units(self, spec: Spec) -> float:
+        """One problem's work in the units of :func:`rlhf_bounds.suites.estimate_seconds`: S and its R
+        replacements trained by the three learners (GA to θ*_S, [A]'s GA, [A]'s SGA: one prompt a step),
+        the population optimum on the evaluation set, and the d × d diagnostics."""
+        per_prompt = spec.actions * spec.d
+        lanes = 1 + min(self.replacements, spec.prompts)
+        train = lanes * ((self.opt_steps + spec.steps) * spec.prompts + spec.steps * self.sga_factor) * per_prompt
+        return (train + self.pop_steps * spec.eval_prompts * per_prompt
+                + self.diag_prompts * per_prompt * spec.d + 3 * spec.eval_prompts * per_prompt)
+
     def __call__(self, spec: Spec, keys: jax.Array, shared_key: jax.Array) -> dict[str, jax.Array]:
         check_spec(spec)
         P = keys.shape[0]

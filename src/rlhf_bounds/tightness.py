@@ -193,6 +193,16 @@ class TightnessKernel:
         extra += "" if self.finish_block == "auto" else f"-f{self.finish_block}"
         return f"tightness-R{self.redraws}{extra}"
 
+    def work_units(self, spec: Spec) -> float:
+        """One problem's work in the units of :func:`rlhf_bounds.suites.estimate_seconds`: the default
+        kernel's, the R redraws of n prompts and K rollouts, and with ``bounds='all'`` B2's rungs again."""
+        from .suites._framework import work_units
+
+        base = work_units(spec)
+        redraws = self.redraws * spec.prompts * spec.actions * spec.d * (1 + spec.rollouts / 8)
+        b2 = 0.5 * (spec.posterior_draws + 1) * (spec.eval_prompts + spec.prompts) * spec.actions * spec.d
+        return base + redraws + (b2 if spec.bounds == "all" else 0.0)
+
     def __call__(self, spec: Spec, keys: jax.Array, shared_key: jax.Array) -> dict[str, jax.Array]:
         def extra(spec, prep, fit, out):
             cols = ladder_columns(spec, prep, fit.w_last, out, self.redraws, self.redraw_batch)

@@ -262,12 +262,16 @@ def work_units(spec: Spec) -> float:
     return train + evaluation + (posterior if spec.bounds == "all" else 0.0)
 
 
-def estimate_seconds(regimes: list[Regime]) -> float:
+def estimate_seconds(regimes: list[Regime], kernel: Kernel | None = None) -> float:
     """Estimated wall time of a study on this machine: work units × :data:`SECONDS_PER_UNIT` plus one
-    compilation per distinct static spec (the estimate is within a factor of about 2: CPUs differ)."""
+    compilation per distinct static spec (the estimate is within a factor of about 2: CPUs differ).
+
+    A kernel other than the default counts its own work with a ``work_units(spec)`` method in the
+    same units (the OU chains, the replace-one retraining, the tightness redraws do)."""
+    units = getattr(kernel, "work_units", None) or work_units
     statics = {tuple(getattr(r.spec, k) for k in Spec.static_names()): r.spec.bounds for r in regimes}
     compile_s = sum(COMPILE_SECONDS.get(b, 14.0) for b in statics.values())
-    return compile_s + sum(r.problems * work_units(r.spec) for r in regimes) * SECONDS_PER_UNIT
+    return compile_s + sum(r.problems * units(r.spec) for r in regimes) * SECONDS_PER_UNIT
 
 
 def estimate_basis() -> str:
