@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Rebuild the README's gallery: every suite's --quick run, its figures copied here as PNG.
 
-    python figures/build.py            # runs into runs/gallery/SUITE (resumes), copies the PNGs here
+    python figures/build.py                  # every suite with figures, into runs/gallery/SUITE (resumes)
+    python figures/build.py clipping ou      # only these suites
 
 It is the same as `rlhf-bounds run SUITE --quick --out runs/gallery/SUITE` for each suite, then a
 copy of each `runs/gallery/SUITE/figures/*.png` into this folder. Nothing here is edited by hand.
@@ -16,11 +17,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     from rlhf_bounds import cli, store, suites
 
+    unknown = [a for a in argv if a not in suites.SUITES]
+    if unknown:
+        print(f"figures/build.py: unknown suite {unknown[0]!r}: must be one of {', '.join(suites.SUITES)}",
+              file=sys.stderr)
+        return 2
     for name, s in suites.SUITES.items():
-        if not s.figures:
+        if not s.figures or (argv and name not in argv):
             continue
         out = Path("runs") / "gallery" / name
         code = cli.main(["run", name, "--quick", "--out", str(out), "--no-progress"])
@@ -33,4 +39,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
