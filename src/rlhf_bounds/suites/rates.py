@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.ticker
+import matplotlib.transforms
 import numpy as np
 
 from .. import fits, plots
@@ -225,7 +226,8 @@ def rate_plots(study):
     axes_present = list(dict.fromkeys(r["axis"] for r in rows)) or ["n"]
     ncols = 2 if len(axes_present) > 1 else 1
     nrows = -(-len(axes_present) // ncols)
-    fig, axes = plots.figure(ncols, nrows, width=2 * plots.COLUMN_WIDTH, aspect=0.8)
+    # one row (the quick grid) needs as much height for its legends as two rows do
+    fig, axes = plots.figure(ncols, nrows, width=2 * plots.COLUMN_WIDTH, aspect=0.8 if nrows > 1 else 1.3)
     axes = np.atleast_1d(axes).ravel()
     for ax, axis in zip(axes, axes_present):
         symbol = AXES[axis][1]
@@ -258,7 +260,10 @@ def rate_plots(study):
         ax.set_xlabel(f"{symbol} (log)")
         ax.set_ylabel("mean over problems (log)")
         ax.set_title(f"against {symbol}: fitted slope (solid), theory (dashed)")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1)
+        # a fixed distance below the axis (in inches, not axes fractions): the quick grid's one row of
+        # short axes put the legend over the x label otherwise
+        below = ax.transAxes + matplotlib.transforms.ScaledTranslation(0, -0.42, fig.dpi_scale_trans)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=1)
     for ax in axes[len(axes_present):]:
         ax.set_visible(False)
     fig.suptitle("Log-log rates of the gap terms and their bounds (bars: ±2 se over problems)")
