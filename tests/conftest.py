@@ -90,12 +90,46 @@ def rng(request):
 
 # ---- one pytest process runs the whole suite: keep what it accumulates in check ----------------
 
+#: Tests of test_suites.py that use another test's suite run (tests/test_suites.py ``smoke``): they
+#: share its worker, so that the suite runs once.
+SUITE_OF_TEST = {"test_config_round_trip_reruns_the_same_study": "decomposition",
+                 "test_export_writes_one_tidy_table": "decomposition",
+                 "test_a_suite_with_its_own_kernel_resumes_from_the_command_line": "ou",
+                 "test_one_regime_study_answers_for_its_regime": "single"}
+
+#: Groups that start first: the longest (a suite's smoke run, a matrix case) go out before the many short ones,
+#: so that no worker is left with a long group at the end while the other idles.
+_SLOW_FIRST = ("tests/test_suites.py", "tests/test_matrix.py")
+
+
+def xdist_group(item) -> str | None:
+    """The worker group of a test under ``pytest -n`` (``--dist loadgroup``): one per module, so that a module's
+    shared fixtures are built once; test_suites.py by suite (a suite's tests share its smoke run) and the
+    test_matrix.py cases one by one (each is its own compilation), so that the two largest files spread
+    over the workers."""
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    if module == "test_matrix":
+        return None
+    if module == "test_suites":
+        name = getattr(item, "callspec", None) and item.callspec.params.get("name")
+        name = name or SUITE_OF_TEST.get(item.originalname)
+        return f"suite-{name}" if name else "test_suites"
+    return module
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(session, config, items):
-    """Run the Ctrl-C tests first, before the process holds the hundreds of compiled kernels of the
-    other files: they time real subprocesses against signals, and failed twice in a full-suite run
-    after ~250 other tests while passing every time on their own (cause not yet found)."""
-    first = [i for i in items if i.module.__name__.endswith("test_interrupt")]
-    items[:] = first + [i for i in items if i not in first]
+    """Worker groups (:func:`xdist_group`) and the order the groups go out in: the Ctrl-C tests first, before
+    the process holds the hundreds of compiled kernels of the other files (they time real subprocesses
+    against signals, and failed twice in a one-process run after ~250 other tests while passing every time
+    on their own; cause not yet found), then the suites and the matrix, then the rest."""
+    for item in items:
+        group = xdist_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    rank = lambda i: (0 if i.module.__name__.endswith("test_interrupt")
+                      else 1 if i.nodeid.startswith(_SLOW_FIRST) else 2)
+    items[:] = sorted(items, key=rank)  # stable: collection order within each rank
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,6 +1,6 @@
 """Suites: every registered suite runs end to end, and what it writes can be trusted and rebuilt.
 
-Each suite runs its ``quick`` grid with 16 problems per regime (a smoke test of the whole path:
+Each suite runs its ``quick`` grid with 8 problems per regime (a smoke test of the whole path:
 engine, store, checks, report, figures; the statistics themselves are tested in
 test_catalogue.py and below on constructed numbers). Then: its outputs exist, its summary
 has a verdict row for every regime, its figures are valid PNG and PDF files, ``report`` rebuilds
@@ -22,7 +22,7 @@ from rlhf_bounds import cli, report, store, suites
 from rlhf_bounds.simulate import KERNEL
 from rlhf_bounds.spec import SpecError
 
-SMOKE_PROBLEMS = 16
+SMOKE_PROBLEMS = 8
 _studies: dict = {}
 
 
