@@ -60,3 +60,13 @@ def test_shape_constants_of_an_exact_law_do_not_drift_and_of_a_wrong_shape_do():
     wrong = fits.shape_constants(x, samples, lambda n: n ** -1.0)             # claims a faster rate
     assert wrong.drift.lo > 0.3                                               # C(n) grows like n^1/2
     assert wrong.constants[-1] / wrong.constants[0] == pytest.approx(8.0, rel=0.1)
+
+
+def test_quartiles_of_the_figures_interval_bars():
+    """plots.quartiles (the interquartile bars of the ou and stability figures): a hand case, then NumPy's
+    percentile and median on a random sample."""
+    from rlhf_bounds import plots
+
+    np.testing.assert_allclose(plots.quartiles([4, 1, 3, 2]), [1.75, 2.5, 3.25])
+    x = np.random.default_rng(5).standard_normal(101)
+    np.testing.assert_allclose(plots.quartiles(x), [np.percentile(x, 25), np.median(x), np.percentile(x, 75)])

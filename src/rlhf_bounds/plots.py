@@ -19,7 +19,8 @@ matplotlib.use("Agg")  # files only: no display is ever needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["PALETTE", "VERDICT_COLOURS", "COLUMN_WIDTH", "style", "figure", "colour", "save", "interval_bars"]
+__all__ = ["PALETTE", "VERDICT_COLOURS", "COLUMN_WIDTH", "style", "figure", "colour", "save", "interval_bars",
+           "quartiles"]
 
 #: Okabe-Ito, the colour-blind-safe qualitative palette (its yellow last: faint as a line on white).
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -67,6 +68,12 @@ def interval_bars(ax, x, lo, hi, *, color, label=None, marker="o", centre=None, 
     err = np.vstack([np.maximum(mid - lo, 0), np.maximum(hi - mid, 0)])
     return ax.errorbar(x, mid, yerr=err, fmt=marker, color=color, label=label, capsize=capsize,
                        elinewidth=0.8, markersize=3.5)
+
+
+def quartiles(values) -> np.ndarray:
+    """The lower quartile, median and upper quartile of ``values`` (NumPy's linear interpolation), for
+    :func:`interval_bars`' interquartile bars."""
+    return np.quantile(np.asarray(values, float), [0.25, 0.5, 0.75])
 
 
 def save(fig, folder: str | os.PathLike, name: str) -> list[Path]:

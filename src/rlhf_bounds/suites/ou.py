@@ -241,11 +241,6 @@ def headline(study) -> str:
 
 # ---- figures -------------------------------------------------------------------------------
 
-def _quartiles(x):
-    x = np.asarray(x, float)
-    return np.percentile(x, 25), np.median(x), np.percentile(x, 75)
-
-
 def covariance_error(study):
     """Median relative Frobenius error (quartile bars) against η, discrete and continuous, with the
     predictions' own gap and the covariance's sampling error."""
@@ -258,7 +253,7 @@ def covariance_error(study):
     series = (("chain_rel_err_disc", "chains vs discrete", "o"), ("chain_rel_err_cont", "chains vs continuous", "s"),
               ("chain_cont_vs_disc", "‖Σ_cont − Σ_disc‖/‖Σ_disc‖", "^"), ("chain_cov_se", "Σ̂ sampling error (ESS)", "v"))
     for i, (col, label, marker) in enumerate(series):
-        q = np.array([_quartiles(_col(r, col, _live(r))) for _, _, r in sweep])
+        q = np.array([plots.quartiles(_col(r, col, _live(r))) for _, _, r in sweep])
         plots.interval_bars(ax, etas * (1 + 0.03 * (i - 1.5)), q[:, 0], q[:, 2], centre=q[:, 1],
                             color=plots.colour(i), label=label, marker=marker)
         ax.plot(etas, q[:, 1], color=plots.colour(i), linewidth=0.8, alpha=0.7)
@@ -315,7 +310,7 @@ def bound_vs_step(study):
             continue
         x = np.array([e / b for e, _, _ in sweep])
         x_all.extend(x)
-        q = np.array([_quartiles(_col(r, "b2_gauss_total")) for _, _, r in sweep])
+        q = np.array([plots.quartiles(_col(r, "b2_gauss_total")) for _, _, r in sweep])
         plots.interval_bars(ax, x, q[:, 0], q[:, 2], centre=q[:, 1], color=plots.colour(2 * j),
                             label=f"B2 Gaussian bound, b = {b}", marker="o")
         ax.plot(x, q[:, 1], color=plots.colour(2 * j), linewidth=0.8)
@@ -327,7 +322,7 @@ def bound_vs_step(study):
         ax.plot(x, m, color=plots.colour(2 * j + 1), linewidth=0.8)
         for col, marker, lab, c in (("b2_gauss_kl", "o", "KL(Q ‖ prior)", 2 * j), ("ou_trace", "^", "tr Σ_OU",
                                                                                       2 * j + 1)):
-            q = np.array([_quartiles(_col(r, col)) for _, _, r in sweep])
+            q = np.array([plots.quartiles(_col(r, col)) for _, _, r in sweep])
             plots.interval_bars(ax2, x, q[:, 0], q[:, 2], centre=q[:, 1], color=plots.colour(c), marker=marker,
                                 label=f"{lab}, b = {b}")
             ax2.plot(x, q[:, 1], color=plots.colour(c), linewidth=0.8)

@@ -301,10 +301,6 @@ def headline(study) -> str:
 
 # ---- figures ------------------------------------------------------------------------------------
 
-def _quartiles(v):
-    return np.quantile(v, [0.25, 0.5, 0.75])
-
-
 def stability_vs_theorem2(study):
     """The empirical stability (median, interquartile bars) of θ*_S, GA and SGA against n, beside Theorem 2's value."""
     fig, axes = plots.figure(2, 1, width=2 * plots.COLUMN_WIDTH, aspect=0.8, sharey=True)
@@ -314,7 +310,7 @@ def stability_vs_theorem2(study):
         ns = np.array([c[0] for c in cells], float)
         for j, (col, lab) in enumerate((("stab_opt", "θ*_S (empirical optimum)"), ("stab_ga_best", "GA, best iterate"),
                                         ("stab_sga_best", "SGA, best iterate"), ("b6_thm2", "Theorem 2 bound"))):
-            q = np.array([_quartiles(np.maximum(_f(r, col), floor)) for _, _, r in cells])
+            q = np.array([plots.quartiles(np.maximum(_f(r, col), floor)) for _, _, r in cells])
             if q.size == 0:
                 continue
             x = ns * (1 + 0.04 * (j - 1.5))
