@@ -88,14 +88,7 @@ def rng(request):
     return np.random.default_rng(seed)
 
 
-# ---- one pytest process runs the whole suite: keep what it accumulates in check ----------------
-
-#: Tests of test_suites.py that use another test's suite run (tests/test_suites.py ``smoke``): they
-#: share its worker, so that the suite runs once.
-SUITE_OF_TEST = {"test_config_round_trip_reruns_the_same_study": "decomposition",
-                 "test_export_writes_one_tidy_table": "decomposition",
-                 "test_a_suite_with_its_own_kernel_resumes_from_the_command_line": "ou",
-                 "test_one_regime_study_answers_for_its_regime": "single"}
+# ---- each pytest process (one per xdist worker) runs many files: keep what it accumulates in check --
 
 #: Groups that start first: the longest (a suite's smoke run, a matrix case) go out before the many short ones,
 #: so that no worker is left with a long group at the end while the other idles.
@@ -103,18 +96,14 @@ _SLOW_FIRST = ("tests/test_suites.py", "tests/test_matrix.py")
 
 
 def xdist_group(item) -> str | None:
-    """The worker group of a test under ``pytest -n`` (``--dist loadgroup``): one per module, so that a module's
-    shared fixtures are built once; test_suites.py by suite (a suite's tests share its smoke run) and the
-    test_matrix.py cases one by one (each is its own compilation), so that the two largest files spread
-    over the workers."""
-    module = item.module.__name__.rsplit(".", 1)[-1]
-    if module == "test_matrix":
+    """The worker group of a test under ``pytest -n`` (``--dist loadgroup``) that has none of its own: its
+    module, so that a module's shared fixtures are built once. The test_matrix.py cases go out one by one
+    (each is its own compilation), and test_suites.py marks its tests by the suite run they read
+    (``uses``), so that the two largest files spread over the workers."""
+    if item.get_closest_marker("xdist_group"):
         return None
-    if module == "test_suites":
-        name = getattr(item, "callspec", None) and item.callspec.params.get("name")
-        name = name or SUITE_OF_TEST.get(item.originalname)
-        return f"suite-{name}" if name else "test_suites"
-    return module
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    return None if module == "test_matrix" else module
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

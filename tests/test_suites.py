@@ -34,12 +34,22 @@ def smoke(name, tmp_path_factory):
     return _studies[name]
 
 
+def uses(name):
+    """The test reads suite ``name``'s :func:`smoke` run: under ``pytest -n`` it goes to the worker that holds it
+    (``--dist loadgroup``; tests/conftest.py groups every other test by module)."""
+    return pytest.mark.xdist_group(f"suite-{name}")
+
+
+#: Every suite, each marked as using its own smoke run.
+EVERY_SUITE = [pytest.param(name, marks=uses(name)) for name in suites.SUITES]
+
+
 def test_every_suite_module_imports():
     """A suite module that fails to import is skipped with a warning (so the others still run); here it fails."""
     assert suites.BROKEN == {}, suites.BROKEN
 
 
-@pytest.mark.parametrize("name", list(suites.SUITES))
+@pytest.mark.parametrize("name", EVERY_SUITE)
 def test_suite_runs_and_writes_its_report(name, tmp_path_factory):
     out, study = smoke(name, tmp_path_factory)
     s = suites.get(name)
@@ -62,7 +72,7 @@ def test_suite_runs_and_writes_its_report(name, tmp_path_factory):
         assert f"figures/{fig.name}.png" in summary
 
 
-@pytest.mark.parametrize("name", list(suites.SUITES))
+@pytest.mark.parametrize("name", EVERY_SUITE)
 def test_report_rebuilds_the_summary_byte_for_byte(name, tmp_path_factory):
     out, _ = smoke(name, tmp_path_factory)
     before = store.summary_path(out).read_bytes()
@@ -74,6 +84,7 @@ def test_report_rebuilds_the_summary_byte_for_byte(name, tmp_path_factory):
     assert after == figures
 
 
+@uses("decomposition")
 def test_config_round_trip_reruns_the_same_study(tmp_path_factory, tmp_path):
     out, study = smoke("decomposition", tmp_path_factory)
     config = store.read_config(out)
@@ -93,6 +104,7 @@ def test_config_round_trip_reruns_the_same_study(tmp_path_factory, tmp_path):
     assert cli.main(["run", "--config", str(edited), "--out", str(out), "--no-progress"]) == 2
 
 
+@uses("ou")
 def test_a_suite_with_its_own_kernel_resumes_from_the_command_line(tmp_path_factory):
     """The command line checks the folder with the suite's own kernel (the OU chains here), so rerunning
     the same command resumes instead of refusing the folder as another kernel's."""
@@ -117,6 +129,7 @@ def test_set_refuses_a_defining_field_unless_forced():
         suites.parse_set(["beta=-1"])
 
 
+@uses("decomposition")
 def test_export_writes_one_tidy_table(tmp_path_factory, tmp_path):
     out, study = smoke("decomposition", tmp_path_factory)
     target = tmp_path / "all.csv"
@@ -130,6 +143,7 @@ def test_export_writes_one_tidy_table(tmp_path_factory, tmp_path):
     np.testing.assert_allclose([float(r["gap_total"]) for r in clipped], study["clipped"]["gap_total"], rtol=1e-6)
 
 
+@uses("single")
 def test_one_regime_study_answers_for_its_regime(tmp_path_factory):
     out, study = smoke("single", tmp_path_factory)
     loaded = rb.load(out)
