@@ -393,10 +393,16 @@ def test_batched_rollouts_never_pick_a_response_of_probability_zero(baseline):
                         jnp.asarray(u)[..., None])
     c = L.coefficients(jnp.asarray(w)[:, None], batch, beta, tau, baseline)[..., 0]
     got = np.einsum("ma,mad->md", np.asarray(c), phi)
+    # the lane-major layout (one lane, responses on the last axis): the same coefficients
+    lanes = L.Minibatch(*(jnp.asarray(x)[None] for x in (phi, lp_ref, reward, u)))
+    c_lanes = L.response_coefficients(L.contract_lanes(lanes.phi, jnp.asarray(w)[None]), lanes, beta, tau,
+                                      baseline, axis=-1)[0]
+    got_lanes = np.einsum("ma,mad->md", np.asarray(c_lanes), phi)
     for i in range(3):
         assert np.all(p[i][np.asarray(inverse_cdf(jnp.asarray(p[i]), jnp.asarray(u[i])))] > 0)
         want = L.rollout_gradient(w, w_ref, phi[i], reward[i], u[i], beta, tau, baseline)
         assert_close(got[i], want, rtol=1e-5, atol=1e-5, what=f"prompt {i}")
+        assert_close(got_lanes[i], want, rtol=1e-5, atol=1e-5, what=f"prompt {i}, lane-major")
 
 
 def test_learner_step_runs_many_chains_on_one_sample():
@@ -423,6 +429,38 @@ def test_learner_step_runs_many_chains_on_one_sample():
         alone = train(spec, data, world.w_ref, idx[..., c])
         assert_close(w[c], alone.w_last, rtol=1e-5, atol=1e-6, what=f"chain {c}")
     assert not np.allclose(w[0], w[1]), "chains with other indices end elsewhere"
+
+
+@pytest.mark.parametrize("estimator", ["exact", "rloo", "none"])
+def test_lane_major_step_is_the_learner_alone(estimator):
+    """``learner(spec, layout='lane_major')`` on the rows of two problems' samples (lane q·C + c,
+    chain c of problem q with its own index sequence): each lane ends where the learner trained
+    alone on its problem with its indices does (:func:`train_policy`; float32 round-off allowed)."""
+    spec = Spec(d=3, actions=5, prompts=24, rollouts=4, steps=60, record_every=60, batch=4, learner="SGD",
+                estimator=estimator, reward_model="oracle", beta=0.5, lr=0.5, tau=0.4).validate()
+    worlds, datas = zip(*(problem(spec, 30 + 3 * q, sigma=0.3) for q in range(2)))
+    data = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *datas)            # [Q, ...]
+    w_ref = jnp.stack([w.w_ref for w in worlds])                               # [Q, d]
+    chains, Q = 3, 2
+    idx = jnp.stack([L.minibatch_indices(spec, jax.random.key(40 + c)) for c in range(chains)], axis=-1)  # [T, b, C]
+    rows = L.lane_rows(data, w_ref)
+    init, step = L.learner(spec, layout="lane_major")
+
+    @jax.jit
+    def run(rows, idx):
+        gather = lambda i: L.Minibatch(*(x[(i.T[None] + spec.prompts * jnp.arange(Q)[:, None, None])
+                                          .reshape(Q * chains, -1)] for x in rows))
+        state, _ = jax.lax.scan(lambda s, i: (step(s, gather(i)), None), init(jnp.repeat(w_ref, chains, axis=0)), idx)
+        return state.w.reshape(Q, chains, spec.d)
+
+    w = np.asarray(run(rows, idx))
+    for q in range(Q):
+        for c in range(chains):
+            alone = train(spec, datas[q], worlds[q].w_ref, idx[..., c])
+            assert_close(w[q, c], alone.w_last, rtol=1e-5, atol=1e-6, what=f"problem {q}, chain {c}")
+    assert not np.allclose(w[0, 0], w[0, 1]), "chains with other indices end elsewhere"
+    with pytest.raises(ValueError, match="layout="):
+        L.learner(spec, layout="lanes")
 
 
 def test_retraining_with_one_prompt_replaced_uses_the_same_randomness():

@@ -34,7 +34,11 @@ the functions :func:`step_size`, :func:`batch_size`, :func:`training_tau` and
 
 The arrays inside the loop are *problem-last*: P problems side by side on the
 last axis (Φ ``[m, A, d, P]``, w ``[d, P]``), which is where vectorising across
-problems pays on CPU; each problem's arithmetic is its own. :func:`train_policies`
+problems pays on CPU; each problem's arithmetic is its own. Many SGD chains
+that each gather their own prompts step *lane-major* instead (``learner(spec,
+layout='lane_major')``: lanes first, Φ ``[L, m, A, d]``, w ``[L, d]``), where
+each lane's gathered rows feed one batched dot as they are; both layouts share
+:func:`response_coefficients`. :func:`train_policies`
 runs the loop in blocks of :func:`lane_block` problems, one compiled width
 whatever P, so that a problem's result is the same bit for bit in any batch.
 
@@ -59,6 +63,7 @@ __all__ = ["TrainData", "PolicyFit", "Minibatch", "LearnerState", "Learner", "pr
            "rollout_gradient", "full_gradient", "minibatch_indices", "train_policy", "train_policies",
            "training_tau", "step_size", "batch_size", "gradient_estimator", "learner", "problem_last",
            "gather", "gather_lanes", "contract", "spread", "log_softmax", "coefficients", "gradient",
+           "response_coefficients", "contract_lanes", "spread_lanes", "gradient_lanes", "lane_rows", "LAYOUTS",
            "LANE_BLOCK", "lane_block"]
 
 
@@ -87,7 +92,8 @@ class PolicyFit(NamedTuple):
 
 class Minibatch(NamedTuple):
     """Prompts of P problems, problem-last: Φ ``[m, A, d, P]``, log π_ref ``[m, A, P]``, r̂ ``[m, A, P]``,
-    rollout uniforms ``[m, K, P]``. The whole training sample (:func:`problem_last`) is one too."""
+    rollout uniforms ``[m, K, P]``. The whole training sample (:func:`problem_last`) is one too.
+    Lane-major (:func:`gradient_lanes`), the lanes come first: Φ ``[L, m, A, d]``, ``[L, m, A]``, ``[L, m, K]``."""
 
     phi: jax.Array
     lp_ref: jax.Array
@@ -96,7 +102,7 @@ class Minibatch(NamedTuple):
 
 
 class LearnerState(NamedTuple):
-    """A learner's state for P problems: w ``[d, P]`` and the optax state (its step count among it)."""
+    """A learner's state for P problems: w ``[d, P]`` (``[L, d]`` lane-major) and the optax state (its step count among it)."""
 
     w: jax.Array
     opt_state: optax.OptState
@@ -240,9 +246,9 @@ def spread(coef, phi):
     return jnp.sum(coef[..., None, :] * phi, axis=axes)
 
 
-def log_softmax(z):
+def log_softmax(z, axis: int = 1):
     """log π over the response axis (axis 1 of ``[m, A, P]``), as :func:`rlhf_bounds.policy.log_probs` does it."""
-    return z - jax.nn.logsumexp(z, axis=1, keepdims=True)
+    return z - jax.nn.logsumexp(z, axis=axis, keepdims=True)
 
 
 def problem_last(data: TrainData, w_ref: jax.Array) -> Minibatch:
@@ -271,33 +277,49 @@ def gather_lanes(full: Minibatch, idx: jax.Array) -> Minibatch:
 def coefficients(w, batch: Minibatch, beta, tau, estimator: str):
     """Per-response coefficients c ``[m, A, P]`` with the prompt's gradient estimate Σ_a c_a φ_a.
 
-    Problem-last layout (:class:`Minibatch`), ``w`` ``[d, P]``. Both estimators are of the form
-    Σ_a c_a (φ_a − φ̄) with φ̄ = Σ_a π_a φ_a, that is Σ_a (c_a − π_a Σ_a' c_a') φ_a:
+    Problem-last layout (:class:`Minibatch`), ``w`` ``[d, P]``: :func:`response_coefficients` of
+    the logits φ·w (:func:`contract`) over the response axis 1.
+    """
+    return response_coefficients(contract(batch.phi, w), batch, beta, tau, estimator, axis=1)
+
+
+def response_coefficients(z, batch: Minibatch, beta, tau, estimator: str, axis: int):
+    """The coefficients c of the gradient estimate Σ_a c_a φ_a from the policy's logits ``z``, whose
+    response axis is ``axis`` (1 in the problem-last layout, −1 lane-major); ``batch``'s log π_ref
+    and r̂ are laid out as ``z``, and its rollout uniforms with the K rollouts on that axis.
+
+    Both estimators are of the form Σ_a c_a (φ_a − φ̄) with φ̄ = Σ_a π_a φ_a, that is
+    Σ_a (c_a − π_a Σ_a' c_a') φ_a:
 
     * exact: c_a = π_a (h_a − h̄ − β·1{|ℓ_a| < τ}) (:func:`exact_gradient`);
     * rollouts: c_a = (1/K) Σ_k adv_k 1{Y_k = a} (:func:`rollout_gradient`).
     """
-    phi, lp_ref, reward, u = batch
-    lp = log_softmax(contract(phi, w))
+    _, lp_ref, reward, u = batch
+    ax = axis % z.ndim
+    total = lambda x: jnp.sum(x, axis=ax, keepdims=True)
+    lp = z - jax.nn.logsumexp(z, axis=ax, keepdims=True)
     p = jnp.exp(lp)
     ell = lp - lp_ref
     h = response_objective(reward, ell, beta, tau)
     if estimator == "exact":
         inside = (jnp.abs(ell) < tau).astype(p.dtype)
-        c = p * (h - jnp.sum(p * h, axis=1, keepdims=True) - beta * inside)
+        c = p * (h - total(p * h) - beta * inside)
     else:
-        responses = jnp.arange(p.shape[1], dtype=jnp.int32)[None, :, None]   # [1, A, 1]
-        cdf = jnp.cumsum(p, axis=1)                                           # [m, A, P]
-        y = jnp.sum(cdf[:, None, :, :] <= u[:, :, None, :], axis=2, dtype=jnp.int32)  # [m, K, P]
+        # the rollouts' axis K sits where the responses' axis is; the pairs (k, a) on axes (ax, ax + 1)
+        shape = [1] * z.ndim
+        shape[ax] = p.shape[ax]
+        responses = jnp.arange(p.shape[ax], dtype=jnp.int32).reshape(shape)
+        cdf = jnp.cumsum(p, axis=ax)
+        y = jnp.sum(jnp.expand_dims(cdf, ax) <= jnp.expand_dims(u, ax + 1), axis=ax + 1, dtype=jnp.int32)
         # as policy.inverse_cdf: never a response of probability 0 when cdf[-1] < 1 by round-off
-        last = jnp.max(jnp.where(p > 0, responses, 0), axis=1)                # [m, P]
-        y = jnp.minimum(y, last[:, None, :])
-        onehot = (y[:, :, None, :] == responses[:, None]).astype(p.dtype)    # [m, K, A, P]
-        r = jnp.sum(onehot * h[:, None], axis=2)                              # [m, K, P]
-        k = u.shape[1]
-        adv = r - (jnp.sum(r, axis=1, keepdims=True) - r) / (k - 1) if estimator == "rloo" else r
-        c = jnp.sum(onehot * adv[:, :, None, :], axis=1) / k                  # [m, A, P]
-    return c - p * jnp.sum(c, axis=1, keepdims=True)
+        last = jnp.max(jnp.where(p > 0, responses, 0), axis=ax, keepdims=True)
+        y = jnp.minimum(y, last)                                                 # K on axis ax
+        onehot = (jnp.expand_dims(y, ax + 1) == jnp.expand_dims(responses, ax)).astype(p.dtype)
+        r = jnp.sum(onehot * jnp.expand_dims(h, ax), axis=ax + 1)                # K on axis ax
+        k = u.shape[ax]
+        adv = r - (jnp.sum(r, axis=ax, keepdims=True) - r) / (k - 1) if estimator == "rloo" else r
+        c = jnp.sum(onehot * jnp.expand_dims(adv, ax + 1), axis=ax) / k          # A on axis ax
+    return c - p * total(c)
 
 
 def gradient(w, batch: Minibatch, beta, tau, estimator: str) -> jax.Array:
@@ -305,17 +327,65 @@ def gradient(w, batch: Minibatch, beta, tau, estimator: str) -> jax.Array:
     return spread(coefficients(w, batch, beta, tau, estimator), batch.phi) / batch.phi.shape[0]
 
 
-def learner(spec: Spec) -> Learner:
+# ---- L lanes, lane-major (many chains, each with its own minibatch) -------------------------------
+
+def contract_lanes(phi, w):
+    """Σ_k phi[l, ..., k] · w[l, k] for lane-major ``phi`` ``[L, ..., d]`` and ``w`` ``[L, d]`` → ``[L, ...]``.
+
+    One batched XLA dot over the lanes: when each lane gathers its own prompts, the gathered rows
+    (A·d contiguous floats per prompt) are the dot's operand as they are, with no transpose.
+    """
+    lanes, d = w.shape
+    z = jax.lax.dot_general(phi.reshape(lanes, -1, d), w, (((2,), (1,)), ((0,), (0,))),
+                            precision=jax.lax.Precision.HIGHEST)
+    return z.reshape(phi.shape[:-1])
+
+
+def spread_lanes(coef, phi):
+    """Σ over every middle axis of coef[l, ..., a] · phi[l, ..., a, k] → ``[L, d]`` (the transpose of :func:`contract_lanes`)."""
+    lanes, d = coef.shape[0], phi.shape[-1]
+    return jax.lax.dot_general(coef.reshape(lanes, -1), phi.reshape(lanes, -1, d), (((1,), (1,)), ((0,), (0,))),
+                               precision=jax.lax.Precision.HIGHEST)
+
+
+def gradient_lanes(w, batch: Minibatch, beta, tau, estimator: str) -> jax.Array:
+    """:func:`gradient` in the lane-major layout: ``w`` ``[L, d]``, Φ ``[L, m, A, d]``, log π_ref and r̂
+    ``[L, m, A]``, rollout uniforms ``[L, m, K]``; the same coefficients (:func:`response_coefficients`)."""
+    c = response_coefficients(contract_lanes(batch.phi, w), batch, beta, tau, estimator, axis=-1)
+    return spread_lanes(c, batch.phi) / batch.phi.shape[1]
+
+
+def lane_rows(data: TrainData, w_ref: jax.Array) -> Minibatch:
+    """The training samples of Q problems (leading axis Q) as rows: Φ ``[Q·n, A, d]``, log π_ref and
+    r̂ ``[Q·n, A]``, uniforms ``[Q·n, K]``; row q·n + i is prompt i of problem q. Indexing it with
+    rows ``[L, m]`` gives a lane-major :class:`Minibatch` for :func:`gradient_lanes`."""
+    lp_ref = jnp.moveaxis(log_softmax(contract(jnp.moveaxis(data.phi, 0, -1), w_ref.T)), -1, 0)   # as problem_last
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])
+    return Minibatch(flat(data.phi), flat(lp_ref), flat(data.reward), flat(data.u))
+
+
+#: The layouts a :func:`learner` steps in: P problems side by side on the last axis, or L lanes on the first.
+LAYOUTS = ("problem_last", "lane_major")
+
+
+def learner(spec: Spec, layout: str = "problem_last") -> Learner:
     """The spec's learner as ``(init, step)``: optax SGD with :func:`step_size`, ascending
-    :func:`gradient` with :func:`gradient_estimator` at :func:`training_tau`."""
+    :func:`gradient` with :func:`gradient_estimator` at :func:`training_tau`.
+
+    ``layout='lane_major'`` steps w ``[L, d]`` on lane-major minibatches (:func:`gradient_lanes`,
+    the same coefficients): the layout of many SGD chains that each gather their own prompts.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not allowed: must be one of {', '.join(LAYOUTS)}")
     beta, tau, estimator = spec.beta, training_tau(spec), gradient_estimator(spec)
+    grad = gradient if layout == "problem_last" else gradient_lanes
     opt = optax.sgd(step_size(spec))
 
     def init(w0: jax.Array) -> LearnerState:
         return LearnerState(w0, opt.init(w0))
 
     def step(state: LearnerState, batch: Minibatch) -> LearnerState:
-        g = gradient(state.w, batch, beta, tau, estimator)
+        g = grad(state.w, batch, beta, tau, estimator)
         updates, opt_state = opt.update(-g, state.opt_state, state.w)  # ascent on F_S
         return LearnerState(optax.apply_updates(state.w, updates), opt_state)
 
