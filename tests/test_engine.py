@@ -26,6 +26,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh
 
 import rlhf_bounds as rb
 from rlhf_bounds.engine import RunError
@@ -321,6 +322,53 @@ def test_engine_runs_a_kernel_from_outside(tmp_path):
     # A folder written by another kernel is refused, naming the kernel.
     with pytest.raises(RunError, match="kernel"):
         rb.run(spec, 21, seed=SEED, chunk_size=8, out=out, progress=False)
+
+
+class OptionKernel:
+    """A kernel with XLA compiler options: a reduction large enough that XLA:CPU gives it to YNNPACK."""
+
+    name = "test-options"
+
+    def __init__(self, options=()):
+        self.options = tuple(options)
+
+    def __hash__(self):
+        return hash((self.name, self.options))
+
+    def __eq__(self, other):
+        return isinstance(other, OptionKernel) and other.options == self.options
+
+    def compiler_options(self, backend):
+        return dict(self.options)
+
+    def __call__(self, spec, keys, shared_key):
+        z = jax.vmap(lambda k: jax.random.normal(k, (128, 512), jax.numpy.float32))(keys)
+        return {"sq": (z * z).sum(axis=(1, 2))}
+
+
+def test_a_kernels_compiler_options_reach_its_compilation():
+    """``compiler_options(backend)`` goes to XLA with the chunk's compilation: YNNPACK's fusions
+    turned off there leave none in the compiled module; an option XLA refuses is dropped with one
+    warning naming it, and the kernel still runs, to the same numbers."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the option tested is XLA:CPU's")
+    spec = rb.Spec()
+    mesh = Mesh(np.array(jax.devices()[:1]), ("problems",))
+    pk, sk = rb.engine.problem_keys(SEED)
+    gidx = jax.numpy.asarray(rb.engine.chunk_indices(0, 8, 8))
+    text = lambda kernel: rb.engine.compile_chunk(spec, pk, sk, gidx, mesh, kernel).as_text().lower()
+    if "ynn" not in text(OptionKernel()):
+        pytest.skip("this jaxlib's XLA:CPU gives the reduction no YNNPACK fusion")
+    off = OptionKernel({"xla_cpu_experimental_ynn_fusion_type": ""}.items())
+    assert rb.engine.kernel_compiler_options(off, "cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert rb.engine.kernel_compiler_options(MomentKernel()) == {}
+    assert "ynn" not in text(off)
+    plain = rb.run(spec, 8, kernel=OptionKernel(), seed=SEED, chunk_size=8, progress=False)
+    bad = OptionKernel({"xla_no_such_option_here": True}.items())
+    with pytest.warns(RuntimeWarning, match="xla_no_such_option_here"):
+        refused = rb.run(spec, 8, kernel=bad, seed=SEED, chunk_size=8, progress=False)
+    np.testing.assert_allclose(refused["sq"], plain["sq"], rtol=1e-6)
+    np.testing.assert_allclose(plain["sq"].mean(), 128 * 512, rtol=4 * np.sqrt(2 / (8 * 128 * 512)))
 
 
 def test_no_module_but_the_store_names_a_run_folder_file():

@@ -11,7 +11,9 @@ pure function of the spec, the P problems' keys ``[P]`` and the run's shared key
 per-problem columns and small arrays, each with leading axis P, and that has a ``name``
 (recorded with the run). The engine gives every kernel the same chunking, sharding, progress
 bar, status flags (a ``status`` column from :func:`rlhf_bounds.status.status_code` unless the
-kernel returns its own), saving and resume.
+kernel returns its own), saving and resume. A kernel may also have a method
+``compiler_options(backend) -> dict``: XLA options for its compilation on that backend
+(:func:`kernel_compiler_options`; an option the installed XLA refuses is dropped with a warning).
 
 Saving goes through :mod:`rlhf_bounds.store`: each finished chunk is written at once,
 atomically, so an interrupted run loses no finished work, and running the same call again
@@ -30,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -49,7 +52,7 @@ from .status import status_code
 from .store import RunError
 
 __all__ = ["run", "RunError", "Kernel", "kernel_name", "problem_keys", "chunk_indices", "chunk_kernel",
-           "chunk_function", "compile_chunk", "simulate_one", "default_chunk_size", "machine_info",
+           "chunk_function", "compile_chunk", "kernel_compiler_options", "simulate_one", "default_chunk_size", "machine_info",
            "check_run_options", "run_identity", "run_devices", "cpu_pool_threads", "chunk_memory_bytes",
            "chunk_memory_parts", "MemoryPart", "result_bytes", "memory_available", "check_run_size"]
 
@@ -119,16 +122,43 @@ def _static(spec: Spec) -> tuple:
     return tuple(getattr(spec, name) for name in Spec.static_names())
 
 
-def _compiled(cache_key, build: Callable, *args):
+def kernel_compiler_options(kernel: Kernel, backend: str | None = None) -> dict[str, Any]:
+    """The XLA compiler options ``kernel`` asks for on ``backend`` (default: JAX's default backend):
+    its ``compiler_options(backend)`` if it has one, else none."""
+    get = getattr(kernel, "compiler_options", None)
+    return dict(get(backend or jax.default_backend())) if get is not None else {}
+
+
+_REFUSED_OPTIONS: set = set()
+
+
+def _compile(lowered, options: dict[str, Any]):
+    """``lowered.compile`` with ``options``; without them (and a warning, once per set) if XLA refuses them."""
+    if not options:
+        return lowered.compile()
+    try:
+        return lowered.compile(compiler_options=options)
+    except Exception as err:  # an option unknown to this jaxlib (or a value it rejects): compile as usual
+        key = tuple(sorted(options.items()))
+        if key not in _REFUSED_OPTIONS:
+            _REFUSED_OPTIONS.add(key)
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            warnings.warn(f"XLA compiler options {dict(key)} not accepted ({first}); compiling without them",
+                          RuntimeWarning, stacklevel=3)
+        return lowered.compile()
+
+
+def _compiled(cache_key, build: Callable, *args, options: dict[str, Any] | None = None):
     """Compile ``build`` for ``args`` once per ``cache_key``, under the classic threefry PRNG.
 
     The classic (non-partitionable) threefry is several times faster on CPU here, and each
     problem's draws stay whole on one device, since problems (not draws) are what is sharded.
     The package selects it on import too, so that direct calls draw the same numbers.
+    ``options``: XLA compiler options (:func:`kernel_compiler_options`).
     """
     if cache_key not in _COMPILED:
         with jax.threefry_partitionable(False):
-            _COMPILED[cache_key] = jax.jit(build).lower(*args).compile()
+            _COMPILED[cache_key] = _compile(jax.jit(build).lower(*args), options or {})
     return _COMPILED[cache_key]
 
 
@@ -139,7 +169,8 @@ def compile_chunk(spec: Spec, problems_key, shared_key, gidx: jax.Array, mesh: M
     it as ``compiled(spec, problems_key, shared_key, gidx)``.
     """
     cache_key = ("chunk", kernel, _static(spec), gidx.shape, gidx.sharding)
-    return _compiled(cache_key, chunk_function(mesh, kernel), spec, problems_key, shared_key, gidx)
+    return _compiled(cache_key, chunk_function(mesh, kernel), spec, problems_key, shared_key, gidx,
+                     options=kernel_compiler_options(kernel, mesh.devices.flat[0].platform))
 
 
 def simulate_one(spec: Spec, key: jax.Array, shared_key: jax.Array, *, chunk_size: int | None = None,
@@ -158,7 +189,8 @@ def simulate_one(spec: Spec, key: jax.Array, shared_key: jax.Array, *, chunk_siz
     def one(spec, key, shared_key):
         return _with_status(spec, kernel(spec, jnp.broadcast_to(key, (chunk,)), shared_key))
 
-    compiled = _compiled(("one", kernel, _static(spec), chunk), one, spec, key, shared_key)
+    compiled = _compiled(("one", kernel, _static(spec), chunk), one, spec, key, shared_key,
+                         options=kernel_compiler_options(kernel))
     return {k: v[0] for k, v in compiled(spec, key, shared_key).items()}
 
 
