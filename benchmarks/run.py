@@ -366,7 +366,10 @@ def workload_w2(args) -> dict:
     compile_engine = time.perf_counter() - t0
     plain_fn = w2.make_plain(s)
     t0 = time.perf_counter()
-    plain = plain_fn.lower(problems_key, shared_key, idx(0, plain_chunk, plain_chunk)).compile()
+    # the reference as written compiles with XLA's defaults; --plain-xla-options gives it the engine kernel's options
+    plain_options = engine.kernel_compiler_options(kernel) if args.plain_xla_options else {}
+    plain = plain_fn.lower(problems_key, shared_key, idx(0, plain_chunk, plain_chunk)).compile(
+        compiler_options=plain_options or None)
     compile_plain = time.perf_counter() - t0
 
     def memory(compiled):
@@ -422,7 +425,8 @@ def workload_w2(args) -> dict:
              for k in ("chain_sigma_disc_trace", "chain_h_min_eig")}
     e_err, p_err = summary["engine"]["chain_rel_err_disc"]["median"], summary["plain"]["chain_rel_err_disc"]["median"]
     mem = {"engine": memory(eng), "plain": memory(plain)}
-    line = (f"W2 ou-chains: engine {_fmt_rate(med['engine'])} problems/s, plain jit(vmap(vmap(chain))) "
+    plain_name = "jit(vmap(vmap(chain)))" + (" with the engine's XLA options" if plain_options else "")
+    line = (f"W2 ou-chains: engine {_fmt_rate(med['engine'])} problems/s, plain {plain_name} "
             f"{_fmt_rate(med['plain'])} problems/s, ratio {ratio:.2f}× ({ratio_cpu:.2f}× in CPU time; median of {args.repeats} paired repeats, "
             f"engine spread {spread:.1f}%; {P} problems × {s.chains} chains, T={s.T}) | roofline: compute "
             f"{100 * frac['compute']:.2f}%, memory {100 * frac['memory']:.2f}% | compile {compile_engine:.1f} s engine, "
@@ -436,6 +440,7 @@ def workload_w2(args) -> dict:
             "chunk": chunk, "plain_chunk": plain_chunk, "kernel": kernel.name,
             "ratio_r1": None, "ratio_r2": None, "roofline_fraction": frac, "limits": limits,
             "compile_s": compile_engine, "compile_plain_s": compile_plain, "memory": mem,
+            "engine_xla_options": engine.kernel_compiler_options(kernel), "plain_xla_options": plain_options,
             "peak_rss_mb": peak_rss_mb(), "ou_summary": summary, "setup_agreement": agree,
             "shape": s.__dict__, "machine": common.machine()}
 
@@ -629,6 +634,8 @@ def main(argv=None) -> int:
     g2.add_argument("--chains", type=int)
     g2.add_argument("--steps", type=int)
     g2.add_argument("--plain-chunk", type=int, help="problems per call of W2's plain reference (default 8)")
+    g2.add_argument("--plain-xla-options", action="store_true",
+                    help="compile the plain reference with the engine kernel's XLA options too (default: XLA's defaults)")
     g3 = ap.add_argument_group("W3")
     g3.add_argument("--out", help="W3 run folder (default: a folder in the temp dir)")
     g3.add_argument("--resume", action="store_true", help="resume the folder instead of overwriting it")

@@ -8,8 +8,9 @@ burn-in and batch means of x = w − w_S and x xᵀ, and the summary columns
 (``ou_chains.summarise_moments``). They differ only in how the chains run:
 
 * **engine**: ``rlhf_bounds.ou_chains.OUChainKernel(bounds=False)`` compiled by the engine
-  (``engine.compile_chunk``, what ``rlhf_bounds.run`` calls): the learner's own ``step`` on
-  problem-last lanes (chains × problem_block lanes), running sums carried in the scan;
+  (``engine.compile_chunk``, what ``rlhf_bounds.run`` calls, with the kernel's XLA options): the
+  learner's own ``step`` on lane-major lanes (chains × problem_block lanes, each lane gathering its
+  prompts' whole rows for two batched dots), running sums carried in the scan;
 * **plain**: ``jit(vmap(vmap(chain)))`` written straightforwardly: one chain of one problem is a
   ``lax.scan`` of w ← w + η·mean_j ∇f_{i_j}(w) with ``learners.exact_gradient`` per prompt, keeping
   its own per-batch sums; ``vmap`` over chains, then over problems.

@@ -3,6 +3,7 @@
 
     python benchmarks/w2_step_profile.py                    # one block: 8 problems × 64 chains, T = 400
     python benchmarks/w2_step_profile.py --steps 2000 --json w2_step.json
+    python benchmarks/w2_step_profile.py --default-xla      # the same loop with XLA's default options
 
 Runs ``ou_chains.run_chains`` (what ``OUChainKernel`` runs per block of ``problem_block`` problems,
 with W2's shape from ``w2_ou_chains.W2``) once compiled, then once under ``jax.profiler`` with
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--problems", type=int, help="problems in the block (default: the kernel's problem_block, 8)")
     ap.add_argument("--top", type=int, default=14, help="operations to print")
     ap.add_argument("--json", help="write the table here")
+    ap.add_argument("--default-xla", action="store_true",
+                    help="compile with XLA's default options, not the kernel's (YNNPACK's fusions on)")
     args = ap.parse_args(argv)
 
     from rlhf_bounds import engine
@@ -79,16 +82,18 @@ def main(argv=None) -> int:
     idx = oc.chain_indices(spec, s.chains, shared_key)
     loop = jax.jit(lambda data, w_ref, centre: oc.run_chains(spec, data, w_ref, centre, idx, burn, kernel.batches))
     args_ = (prep.data, prep.world.w_ref, w_s)
-    compiled = loop.lower(*args_).compile()
+    # compiled as the engine compiles the kernel: with its XLA options
+    options = {} if args.default_xla else engine.kernel_compiler_options(kernel)
+    compiled = loop.lower(*args_).compile(compiler_options=options or None)
     ops = op_table(compiled.as_text())
-    jax.block_until_ready(loop(*args_))
+    jax.block_until_ready(compiled(*args_))
     t0 = time.perf_counter()
-    jax.block_until_ready(loop(*args_))
+    jax.block_until_ready(compiled(*args_))
     wall = time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
         jax.profiler.start_trace(tmp)
-        jax.block_until_ready(loop(*args_))
+        jax.block_until_ready(compiled(*args_))
         jax.profiler.stop_trace()
         files = glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)
         if not files:
@@ -110,14 +115,15 @@ def main(argv=None) -> int:
     lanes = s.chains * Q
     print(f"W2 chain loop, one block: {Q} problems × {s.chains} chains = {lanes} lanes, T={T}: "
           f"{wall / T * 1e3:.3f} ms per step ({wall / T / lanes * 1e9:.0f} ns per chain step), "
-          f"{common.machine().get('cpu', '')}")
+          f"{common.machine().get('cpu', '')}; XLA options {options or 'default'}")
     print(f"{'µs/call':>9} {'calls/step':>10} {'share':>8}  operation (output shape; JAX op)")
     for r in rows[:args.top]:
         print(f"{r['us_per_call']:9.1f} {r['calls_per_step']:10.2f} {100 * r['share']:7.1f}%  "
               f"{r['op']} ({r['shape']}; {r['jax_op']})")
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": "w2-step", "ms_per_step": wall / T * 1e3, "lanes": lanes,
-                                               "steps": T, "ops": rows, "machine": common.machine()}, indent=2))
+                                               "steps": T, "ops": rows, "xla_options": options,
+                                               "machine": common.machine()}, indent=2))
     return 0
 
 

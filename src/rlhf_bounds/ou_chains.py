@@ -11,7 +11,8 @@ Per problem, on the problem's own training sample S (from :func:`rlhf_bounds.sim
    predictions (:func:`rlhf_bounds.ou.ou_covariance_continuous`, ``_discrete``) and whether the problem
    is degenerate (C_g ≈ 0: :func:`is_degenerate`);
 3. ``chains`` constant-step SGD chains of the learner's own ``step``
-   (:func:`rlhf_bounds.learners.learner`) on S, all started at w_S, each with its own minibatch index
+   (:func:`rlhf_bounds.learners.learner`, in its lane-major layout: each chain gathers its own
+   prompts) on S, all started at w_S, each with its own minibatch index
    sequence (shared by the problems, as the engine shares the default kernel's), run for ``spec.steps``
    steps: a burn-in, then ``batches`` batches of L steps each. Nothing of size chains × T is kept: the
    scan carries each chain's running sums over the current batch and, across batches, the sums of the
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from . import ou
-from .learners import Minibatch, PolicyFit, TrainData, full_gradient, learner, problem_last, training_tau
+from .learners import Minibatch, PolicyFit, TrainData, full_gradient, lane_rows, learner, training_tau
 from .spec import Spec, SpecError
 
 __all__ = ["Maximiser", "refine_maximiser", "OUSetup", "ou_setup", "ou_setups", "is_degenerate", "ChainMoments",
@@ -224,26 +225,27 @@ def accumulate_chains(step, state, xs_burn, xs_batches, deviation, chains: int):
 def run_chains(spec: Spec, data: TrainData, w_ref, w_s, indices, burn: int, batches: int) -> ChainMoments:
     """The SGD chains of Q problems (leading axis Q on ``data``, ``w_ref``, ``w_s``), all with the learner's step.
 
-    ``indices`` ``[T, b, chains]`` (:func:`chain_indices`). The lanes of the learner's problem-last
-    layout are chain-major: lane c·Q + q is chain c of problem q, whose minibatch at step t is
-    prompts ``indices[t, :, c]`` of problem q's sample. Returns :class:`ChainMoments` with a
-    leading axis Q.
+    ``indices`` ``[T, b, chains]`` (:func:`chain_indices`). The learner steps lane-major
+    (``learner(spec, layout='lane_major')``): lane q·chains + c is chain c of problem q, whose
+    minibatch at step t is prompts ``indices[t, :, c]`` of problem q's sample, gathered as whole
+    rows of the samples' :func:`~rlhf_bounds.learners.lane_rows`. Returns :class:`ChainMoments`
+    with a leading axis Q.
     """
-    full = problem_last(data, w_ref)                   # [n, A, d, Q] ...
-    Q = w_s.shape[0]
+    rows = lane_rows(data, w_ref)                      # [Q·n, A, d] ...
+    Q, d = w_s.shape
     chains = indices.shape[-1]
-    init, step = learner(spec)
-    centre = jnp.asarray(w_s, F32).T                   # [d, Q]
+    init, step = learner(spec, layout="lane_major")
+    centre = jnp.asarray(w_s, F32)                     # [Q, d]
+    offset = (jnp.arange(Q, dtype=indices.dtype) * spec.prompts)[:, None, None]
 
-    def gather(idx_t):                                 # idx_t [b, chains]
-        def take(x):                                   # x [n, ..., Q] -> [b, ..., chains·Q]
-            y = jnp.moveaxis(x[idx_t], 1, -2)          # [b, ..., chains, Q]
-            return y.reshape(y.shape[:-2] + (chains * Q,))
-        return Minibatch(*(take(x) for x in full))
+    def gather(idx_t):                                 # idx_t [b, chains] -> rows [Q·chains, b]
+        lane_rows_t = (idx_t.T[None] + offset).reshape(Q * chains, -1)
+        return Minibatch(*(x[lane_rows_t] for x in rows))
 
     lane_step = lambda s, idx_t: step(s, gather(idx_t))
-    deviation = lambda s: s.w.reshape(-1, chains, Q) - centre[:, None, :]
-    w0 = jnp.broadcast_to(centre[:, None, :], (centre.shape[0], chains, Q)).reshape(-1, chains * Q)
+    # [d, chains, Q], the layout of accumulate_chains' sums (vectorised along chains and problems)
+    deviation = lambda s: jnp.transpose(s.w.reshape(Q, chains, d) - centre[:, None, :], (2, 1, 0))
+    w0 = jnp.broadcast_to(centre[:, None, :], (Q, chains, d)).reshape(Q * chains, d)
     length = (spec.steps - burn) // batches
     _, mom = accumulate_chains(lane_step, init(w0), indices[:burn],
                                indices[burn:].reshape((batches, length) + indices.shape[1:]), deviation, chains)
@@ -413,6 +415,15 @@ class OUChainKernel:
         if self.bounds and spec.steps % spec.record_every:
             raise SpecError(f"record_every={spec.record_every} out of range: must divide steps={spec.steps}")
         return chain_schedule(spec.steps, self.burn_fraction, self.batches)
+
+    def compiler_options(self, backend: str) -> dict[str, str]:
+        """XLA options for the engine's compilation (:func:`rlhf_bounds.engine.kernel_compiler_options`).
+
+        On CPU, XLA's YNNPACK fusions are turned off for this kernel: in the chains' lane-major
+        layout the softmax's sums over the A responses run along the minor axis, which YNNPACK's
+        reductions run several times slower than XLA's own loops (benchmarks/README.md, W2).
+        """
+        return {"xla_cpu_experimental_ynn_fusion_type": ""} if backend == "cpu" else {}
 
     def _finish_block(self):
         from .simulate import default_finish_block
