@@ -265,6 +265,8 @@ def covariance_error(study):
     ax.axhline(MAX_ERROR, color="black", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # ticks at the swept η, not 2×10⁰
+    ax.set_xticks([float(v) for v in etas], [f"{float(v):g}" for v in etas])
     ax.set_xlabel(f"step η (log; b = {BATCH})")
     ax.set_ylabel("relative Frobenius error (log)")
     ax.set_title(title)
