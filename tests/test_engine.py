@@ -348,8 +348,9 @@ class OptionKernel:
 
 def test_a_kernels_compiler_options_reach_its_compilation():
     """``compiler_options(backend)`` goes to XLA with the chunk's compilation: YNNPACK's fusions
-    turned off there leave none in the compiled module; an option XLA refuses is dropped with one
-    warning naming it, and the kernel still runs, to the same numbers."""
+    turned off there leave none in the compiled module, and so do the same options given to
+    ``engine.xla_options``; an option XLA refuses is dropped with one warning naming it, and the
+    kernel still runs, to the same numbers."""
     if jax.default_backend() != "cpu":
         pytest.skip("the option tested is XLA:CPU's")
     spec = rb.Spec()
@@ -363,6 +364,10 @@ def test_a_kernels_compiler_options_reach_its_compilation():
     assert rb.engine.kernel_compiler_options(off, "cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert rb.engine.kernel_compiler_options(MomentKernel()) == {}
     assert "ynn" not in text(off)
+    # xla_options adds options to every compilation within its block (cached apart from the others)
+    with rb.engine.xla_options({"xla_cpu_experimental_ynn_fusion_type": ""}):
+        assert "ynn" not in text(OptionKernel())
+    assert "ynn" in text(OptionKernel())
     plain = rb.run(spec, 8, kernel=OptionKernel(), seed=SEED, chunk_size=8, progress=False)
     bad = OptionKernel({"xla_no_such_option_here": True}.items())
     with pytest.warns(RuntimeWarning, match="xla_no_such_option_here"):

@@ -52,9 +52,10 @@ from .status import status_code
 from .store import RunError
 
 __all__ = ["run", "RunError", "Kernel", "kernel_name", "problem_keys", "chunk_indices", "chunk_kernel",
-           "chunk_function", "compile_chunk", "kernel_compiler_options", "simulate_one", "default_chunk_size", "machine_info",
-           "check_run_options", "run_identity", "run_devices", "cpu_pool_threads", "chunk_memory_bytes",
-           "chunk_memory_parts", "MemoryPart", "result_bytes", "memory_available", "check_run_size"]
+           "chunk_function", "compile_chunk", "kernel_compiler_options", "xla_options", "simulate_one",
+           "default_chunk_size", "machine_info", "check_run_options", "run_identity", "run_devices",
+           "cpu_pool_threads", "chunk_memory_bytes", "chunk_memory_parts", "MemoryPart", "result_bytes",
+           "memory_available", "check_run_size"]
 
 #: A kernel: ``kernel(spec, keys [P], shared_key) -> {name: [P, ...]}``, hashable, with a ``name``.
 Kernel = Callable[[Spec, jax.Array, jax.Array], dict]
@@ -130,6 +131,24 @@ def kernel_compiler_options(kernel: Kernel, backend: str | None = None) -> dict[
 
 
 _REFUSED_OPTIONS: set = set()
+_EXTRA_OPTIONS: dict[str, Any] = {}
+
+
+@contextmanager
+def xla_options(options: dict[str, Any]):
+    """Within the block, the engine compiles every kernel with ``options`` added to (and winning over)
+    the kernel's own :func:`kernel_compiler_options`: XLA debug options by name, as
+    ``Lowered.compile(compiler_options=...)`` takes them, which override ``XLA_FLAGS`` for these
+    compilations only. For example ``{"xla_backend_optimization_level": 0}`` compiles a short
+    exploratory run faster (the results are the same maths; the last bits may differ). Compilations
+    are cached per set of options. An option XLA refuses is dropped with a warning."""
+    global _EXTRA_OPTIONS
+    previous = _EXTRA_OPTIONS
+    _EXTRA_OPTIONS = {**previous, **dict(options)}
+    try:
+        yield
+    finally:
+        _EXTRA_OPTIONS = previous
 
 
 def _compile(lowered, options: dict[str, Any]):
@@ -154,11 +173,14 @@ def _compiled(cache_key, build: Callable, *args, options: dict[str, Any] | None 
     The classic (non-partitionable) threefry is several times faster on CPU here, and each
     problem's draws stay whole on one device, since problems (not draws) are what is sharded.
     The package selects it on import too, so that direct calls draw the same numbers.
-    ``options``: XLA compiler options (:func:`kernel_compiler_options`).
+    ``options``: XLA compiler options (:func:`kernel_compiler_options`), with those of an enclosing
+    :func:`xla_options` block added.
     """
+    options = {**(options or {}), **_EXTRA_OPTIONS}
+    cache_key = (cache_key, tuple(sorted(options.items())))
     if cache_key not in _COMPILED:
         with jax.threefry_partitionable(False):
-            _COMPILED[cache_key] = _compile(jax.jit(build).lower(*args), options or {})
+            _COMPILED[cache_key] = _compile(jax.jit(build).lower(*args), options)
     return _COMPILED[cache_key]
 
 

@@ -102,7 +102,8 @@ class Minibatch(NamedTuple):
 
 
 class LearnerState(NamedTuple):
-    """A learner's state for P problems: w ``[d, P]`` (``[L, d]`` lane-major) and the optax state (its step count among it)."""
+    """A learner's state for P problems: w ``[d, P]`` (``[L, d]`` lane-major) and the optax state
+    (its step count among it)."""
 
     w: jax.Array
     opt_state: optax.OptState
@@ -342,7 +343,8 @@ def contract_lanes(phi, w):
 
 
 def spread_lanes(coef, phi):
-    """Σ over every middle axis of coef[l, ..., a] · phi[l, ..., a, k] → ``[L, d]`` (the transpose of :func:`contract_lanes`)."""
+    """Σ over every middle axis of coef[l, ..., a] · phi[l, ..., a, k] → ``[L, d]``
+    (the transpose of :func:`contract_lanes`)."""
     lanes, d = coef.shape[0], phi.shape[-1]
     return jax.lax.dot_general(coef.reshape(lanes, -1), phi.reshape(lanes, -1, d), (((1,), (1,)), ((0,), (0,))),
                                precision=jax.lax.Precision.HIGHEST)
