@@ -367,7 +367,8 @@ def workload_w2(args) -> dict:
     plain_fn = w2.make_plain(s)
     t0 = time.perf_counter()
     # the reference as written compiles with XLA's defaults; --plain-xla-options gives it the engine kernel's options
-    plain_options = engine.kernel_compiler_options(kernel) if args.plain_xla_options else {}
+    engine_options = engine.kernel_compiler_options(kernel)
+    plain_options = engine_options if args.plain_xla_options else {}
     plain = plain_fn.lower(problems_key, shared_key, idx(0, plain_chunk, plain_chunk)).compile(
         compiler_options=plain_options or None)
     compile_plain = time.perf_counter() - t0
@@ -440,7 +441,7 @@ def workload_w2(args) -> dict:
             "chunk": chunk, "plain_chunk": plain_chunk, "kernel": kernel.name,
             "ratio_r1": None, "ratio_r2": None, "roofline_fraction": frac, "limits": limits,
             "compile_s": compile_engine, "compile_plain_s": compile_plain, "memory": mem,
-            "engine_xla_options": engine.kernel_compiler_options(kernel), "plain_xla_options": plain_options,
+            "engine_xla_options": engine_options, "plain_xla_options": plain_options,
             "peak_rss_mb": peak_rss_mb(), "ou_summary": summary, "setup_agreement": agree,
             "shape": s.__dict__, "machine": common.machine()}
 

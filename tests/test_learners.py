@@ -433,8 +433,8 @@ def test_learner_step_runs_many_chains_on_one_sample():
 
 @pytest.mark.parametrize("estimator", ["exact", "rloo", "none"])
 def test_lane_major_step_is_the_learner_alone(estimator):
-    """``learner(spec, layout='lane_major')`` on the rows of two problems' samples (lane q·C + c,
-    chain c of problem q with its own index sequence): each lane ends where the learner trained
+    """``learner(spec, layout='lane_major')`` on the rows of two problems' samples (``gather_rows``:
+    lane q·C + c, chain c of problem q with its own index sequence): each lane ends where the learner trained
     alone on its problem with its indices does (:func:`train_policy`; float32 round-off allowed)."""
     spec = Spec(d=3, actions=5, prompts=24, rollouts=4, steps=60, record_every=60, batch=4, learner="SGD",
                 estimator=estimator, reward_model="oracle", beta=0.5, lr=0.5, tau=0.4).validate()
@@ -448,9 +448,8 @@ def test_lane_major_step_is_the_learner_alone(estimator):
 
     @jax.jit
     def run(rows, idx):
-        gather = lambda i: L.Minibatch(*(x[(i.T[None] + spec.prompts * jnp.arange(Q)[:, None, None])
-                                          .reshape(Q * chains, -1)] for x in rows))
-        state, _ = jax.lax.scan(lambda s, i: (step(s, gather(i)), None), init(jnp.repeat(w_ref, chains, axis=0)), idx)
+        state, _ = jax.lax.scan(lambda s, i: (step(s, L.gather_rows(rows, i, spec.prompts)), None),
+                                init(jnp.repeat(w_ref, chains, axis=0)), idx)
         return state.w.reshape(Q, chains, spec.d)
 
     w = np.asarray(run(rows, idx))

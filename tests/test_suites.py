@@ -29,15 +29,13 @@ _studies: dict = {}
 #: (conftest.py): their kernels compile at level 1 (``engine.xla_options``). Measured alone on the
 #: 2-core machine, 8 problems per regime: tightness 66 → 26 s, coverage 62 → 37 s; decomposition
 #: (47 → 41 s) and budget (51 → 57 s) gain little or lose, and stay at level 0.
-RUN_BOUND = {"tightness": 1, "coverage": 1}
+RUN_BOUND = {"tightness", "coverage"}
 
 
 def smoke(name, tmp_path_factory):
     if name not in _studies:
         out = tmp_path_factory.mktemp(name) / "study"
-        level = RUN_BOUND.get(name)
-        options = {} if level is None else {"xla_backend_optimization_level": level}
-        with rb.engine.xla_options(options):
+        with rb.engine.xla_options({"xla_backend_optimization_level": 1} if name in RUN_BOUND else {}):
             _studies[name] = (out, suites.run_suite(name, "quick", problems=SMOKE_PROBLEMS, out=out,
                                                      progress=False, chunk_size=SMOKE_PROBLEMS))
     return _studies[name]

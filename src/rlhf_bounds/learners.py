@@ -63,7 +63,8 @@ __all__ = ["TrainData", "PolicyFit", "Minibatch", "LearnerState", "Learner", "pr
            "rollout_gradient", "full_gradient", "minibatch_indices", "train_policy", "train_policies",
            "training_tau", "step_size", "batch_size", "gradient_estimator", "learner", "problem_last",
            "gather", "gather_lanes", "contract", "spread", "log_softmax", "coefficients", "gradient",
-           "response_coefficients", "contract_lanes", "spread_lanes", "gradient_lanes", "lane_rows", "LAYOUTS",
+           "response_coefficients", "contract_lanes", "spread_lanes", "gradient_lanes", "lane_rows", "gather_rows",
+           "LAYOUTS",
            "LANE_BLOCK", "lane_block"]
 
 
@@ -298,7 +299,7 @@ def response_coefficients(z, batch: Minibatch, beta, tau, estimator: str, axis: 
     _, lp_ref, reward, u = batch
     ax = axis % z.ndim
     total = lambda x: jnp.sum(x, axis=ax, keepdims=True)
-    lp = z - jax.nn.logsumexp(z, axis=ax, keepdims=True)
+    lp = log_softmax(z, axis=ax)
     p = jnp.exp(lp)
     ell = lp - lp_ref
     h = response_objective(reward, ell, beta, tau)
@@ -361,9 +362,18 @@ def lane_rows(data: TrainData, w_ref: jax.Array) -> Minibatch:
     """The training samples of Q problems (leading axis Q) as rows: Φ ``[Q·n, A, d]``, log π_ref and
     r̂ ``[Q·n, A]``, uniforms ``[Q·n, K]``; row q·n + i is prompt i of problem q. Indexing it with
     rows ``[L, m]`` gives a lane-major :class:`Minibatch` for :func:`gradient_lanes`."""
-    lp_ref = jnp.moveaxis(log_softmax(contract(jnp.moveaxis(data.phi, 0, -1), w_ref.T)), -1, 0)   # as problem_last
+    lp_ref = jnp.moveaxis(problem_last(data, w_ref).lp_ref, -1, 0)   # the same bits (the rest is dead code to XLA)
     flat = lambda x: x.reshape((-1,) + x.shape[2:])
     return Minibatch(flat(data.phi), flat(lp_ref), flat(data.reward), flat(data.u))
+
+
+def gather_rows(rows: Minibatch, idx: jax.Array, prompts: int) -> Minibatch:
+    """The lane-major minibatch of ``idx`` ``[b, C]`` from Q problems' :func:`lane_rows`: lane q·C + c
+    holds prompts ``idx[:, c]`` of problem q (C chains per problem, each with its own indices,
+    shared by the problems), each prompt one whole row."""
+    Q = rows.phi.shape[0] // prompts
+    lanes = (idx.T[None] + prompts * jnp.arange(Q, dtype=idx.dtype)[:, None, None]).reshape(-1, idx.shape[0])
+    return Minibatch(*(x[lanes] for x in rows))
 
 
 #: The layouts a :func:`learner` steps in: P problems side by side on the last axis, or L lanes on the first.

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from . import ou
-from .learners import Minibatch, PolicyFit, TrainData, full_gradient, lane_rows, learner, training_tau
+from .learners import PolicyFit, TrainData, full_gradient, gather_rows, lane_rows, learner, training_tau
 from .spec import Spec, SpecError
 
 __all__ = ["Maximiser", "refine_maximiser", "OUSetup", "ou_setup", "ou_setups", "is_degenerate", "ChainMoments",
@@ -228,21 +228,15 @@ def run_chains(spec: Spec, data: TrainData, w_ref, w_s, indices, burn: int, batc
     ``indices`` ``[T, b, chains]`` (:func:`chain_indices`). The learner steps lane-major
     (``learner(spec, layout='lane_major')``): lane q·chains + c is chain c of problem q, whose
     minibatch at step t is prompts ``indices[t, :, c]`` of problem q's sample, gathered as whole
-    rows of the samples' :func:`~rlhf_bounds.learners.lane_rows`. Returns :class:`ChainMoments`
-    with a leading axis Q.
+    rows of the samples' :func:`~rlhf_bounds.learners.lane_rows`
+    (:func:`~rlhf_bounds.learners.gather_rows`). Returns :class:`ChainMoments` with a leading axis Q.
     """
     rows = lane_rows(data, w_ref)                      # [Q·n, A, d] ...
     Q, d = w_s.shape
     chains = indices.shape[-1]
     init, step = learner(spec, layout="lane_major")
     centre = jnp.asarray(w_s, F32)                     # [Q, d]
-    offset = (jnp.arange(Q, dtype=indices.dtype) * spec.prompts)[:, None, None]
-
-    def gather(idx_t):                                 # idx_t [b, chains] -> rows [Q·chains, b]
-        lane_rows_t = (idx_t.T[None] + offset).reshape(Q * chains, -1)
-        return Minibatch(*(x[lane_rows_t] for x in rows))
-
-    lane_step = lambda s, idx_t: step(s, gather(idx_t))
+    lane_step = lambda s, idx_t: step(s, gather_rows(rows, idx_t, spec.prompts))
     # [d, chains, Q], the layout of accumulate_chains' sums (vectorised along chains and problems)
     deviation = lambda s: jnp.transpose(s.w.reshape(Q, chains, d) - centre[:, None, :], (2, 1, 0))
     w0 = jnp.broadcast_to(centre[:, None, :], (Q, chains, d)).reshape(Q * chains, d)
